@@ -1,0 +1,64 @@
+"""Input validation: every public entry point turns bad input into a ValueError that names
+the argument and says how to fix it, before any numerical code runs."""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def as_float_matrix(x: object, name: str, finite: bool = True) -> np.ndarray:
+    """Return ``x`` as a non-empty 2-D float64 array (finite unless ``finite=False``) or raise
+    ValueError naming it."""
+    arr = np.asarray(x)
+    if arr.dtype.kind not in "f":
+        raise ValueError(
+            f"{name}: expected a floating-point array, got dtype {arr.dtype}; "
+            f"convert it first, e.g. {name}.astype(np.float32)"
+        )
+    if arr.ndim != 2:
+        raise ValueError(f"{name}: expected a 2-D array, got shape {arr.shape}")
+    if arr.size == 0:
+        raise ValueError(f"{name}: array is empty (shape {arr.shape}); pass a non-empty matrix")
+    if finite and not np.isfinite(arr).all():
+        bad = np.argwhere(~np.isfinite(arr))[:3].tolist()
+        raise ValueError(f"{name}: contains NaN or Inf (first at index {bad}); clean the input first")
+    return np.ascontiguousarray(arr, dtype=np.float64)
+
+
+def check_layer(W: object, H: object, group_size: int, symmetric_tol: float = 1e-6) -> tuple[np.ndarray, np.ndarray]:
+    """Validate a weight ``W`` (out, in) and its Hessian ``H`` (in, in); return float64 copies."""
+    W = as_float_matrix(W, "W")
+    H = as_float_matrix(H, "H")
+    if H.shape[0] != H.shape[1]:
+        raise ValueError(f"H: must be square (in, in), got shape {H.shape}")
+    if H.shape[0] != W.shape[1]:
+        raise ValueError(
+            f"H: shape {H.shape} does not match W's input dimension {W.shape[1]}; "
+            f"H must be (in, in) = ({W.shape[1]}, {W.shape[1]}), e.g. X.T @ X / N"
+        )
+    scale = max(float(np.abs(H).max()), 1e-300)
+    asym = float(np.abs(H - H.T).max())
+    if asym > symmetric_tol * scale:
+        raise ValueError(
+            f"H: not symmetric (max |H - H.T| = {asym:.3g}, relative {asym / scale:.3g}); "
+            f"pass (H + H.T) / 2 if the asymmetry is rounding noise"
+        )
+    if np.any(np.diag(H) < 0):
+        raise ValueError("H: has negative diagonal entries, so it is not positive semi-definite")
+    check_group_size(group_size, W.shape[1])
+    return W, (H + H.T) / 2
+
+
+def check_group_size(group_size: int, n_in: int) -> None:
+    if group_size != -1 and n_in % group_size != 0:
+        divisors = [d for d in (32, 64, 128, 256) if n_in % d == 0]
+        raise ValueError(
+            f"group_size: {group_size} does not divide the input dimension {n_in} "
+            f"(ragged groups are not supported); use -1 (per-channel) or a divisor such as {divisors or [n_in]}"
+        )
+
+
+def check_bits(bits: object) -> int:
+    if not isinstance(bits, (int, np.integer)) or isinstance(bits, bool) or not 1 <= int(bits) <= 8:
+        raise ValueError(f"bits: must be an integer in 1..8, got {bits!r}")
+    return int(bits)

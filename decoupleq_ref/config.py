@@ -1,0 +1,92 @@
+"""Quantization configuration shared by every backend.
+
+Defaults follow the published decoupleQ run (``run_llama.sh`` of the official code):
+asymmetric, act-order, 1 % damping, 4 alternations, GPTQ rounding without the Adam
+relaxation (the official ``round_fn="gptq"`` sets the relaxation's iteration count to 0).
+docs/ALGORITHM.md explains each default.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any, Literal
+
+Method = Literal["rtn", "gptq", "decoupleq"]
+METHODS: tuple[str, ...] = ("rtn", "gptq", "decoupleq")
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """How to quantize one linear layer.
+
+    bits          integer width b, q in [0, 2**b - 1]            (1..8)
+    group_size    input columns sharing one (scale, zero); -1 = whole row (per-channel)
+    method        "rtn" | "gptq" | "decoupleq"
+    iters         decoupleq alternations (integer step + float step each)
+    symmetric     zero fixed at -scale * 2**(b-1) (Ŵ = s·(q - 2**(b-1)))
+    damp          fraction of mean(diag H) added to diag H; the solver minimises on H + damp
+    grid          shrink grid resolution of the init search (0 = plain min-max)
+    max_shrink    smallest shrink factor tried is 1 - max_shrink
+    act_order     GPTQ rounds columns by decreasing diag(H)
+    relax_iters   Adam steps of the box-relaxed integer step before rounding (official: 0)
+    relax_lr      Adam learning rate of that step, in weight units
+    block_size    GPTQ lazy-update block width (changes speed only, not the result)
+    min_improvement  stop when fewer than this fraction of rows improved in a half-step
+    seed          seed for every random choice (none at the defaults; kept for API stability)
+    """
+
+    bits: int = 2
+    group_size: int = -1
+    method: Method = "decoupleq"
+    iters: int = 4
+    symmetric: bool = False
+    damp: float = 0.01
+    grid: int = 200
+    max_shrink: float = 0.8
+    act_order: bool = True
+    relax_iters: int = 0
+    relax_lr: float = 1e-3
+    block_size: int = 128
+    min_improvement: float = 1e-4
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        def need(ok: bool, name: str, msg: str) -> None:
+            if not ok:
+                raise ValueError(f"QuantConfig.{name}: {msg}")
+
+        need(isinstance(self.bits, int) and 1 <= self.bits <= 8, "bits",
+             f"must be an integer in 1..8, got {self.bits!r}")
+        need(isinstance(self.group_size, int) and (self.group_size == -1 or self.group_size >= 1),
+             "group_size", f"must be -1 (per-channel) or a positive integer, got {self.group_size!r}")
+        need(self.method in METHODS, "method", f"must be one of {METHODS}, got {self.method!r}")
+        need(isinstance(self.iters, int) and self.iters >= 0, "iters",
+             f"must be a non-negative integer, got {self.iters!r}")
+        need(isinstance(self.damp, (int, float)) and 0 <= self.damp < 1e6, "damp",
+             f"must be a non-negative number, got {self.damp!r}")
+        need(isinstance(self.grid, int) and self.grid >= 0, "grid",
+             f"must be a non-negative integer, got {self.grid!r}")
+        need(0 <= self.max_shrink < 1, "max_shrink", f"must be in [0, 1), got {self.max_shrink!r}")
+        need(isinstance(self.relax_iters, int) and self.relax_iters >= 0, "relax_iters",
+             f"must be a non-negative integer, got {self.relax_iters!r}")
+        need(self.relax_lr > 0, "relax_lr", f"must be positive, got {self.relax_lr!r}")
+        need(isinstance(self.block_size, int) and self.block_size >= 1, "block_size",
+             f"must be a positive integer, got {self.block_size!r}")
+        need(0 <= self.min_improvement <= 1, "min_improvement",
+             f"must be in [0, 1], got {self.min_improvement!r}")
+
+    @property
+    def maxq(self) -> int:
+        """Largest integer code, 2**bits - 1."""
+        return (1 << self.bits) - 1
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "QuantConfig":
+        known = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
+        unknown = sorted(set(d) - set(known))
+        if unknown:
+            raise ValueError(f"config: unknown field(s) {unknown}; known: {sorted(cls().to_dict())}")
+        return cls(**known)

@@ -1,0 +1,86 @@
+"""The decoupled representation Ŵ = scale·q + zero and the result object.
+
+Layout (docs/FORMAT.md): q is uint8 (out, in) with values in [0, 2**bits - 1]; scale and zero
+are (out, n_groups); column j of row i belongs to group j // group_size.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from .config import QuantConfig
+
+
+def n_groups(n_in: int, group_size: int) -> int:
+    """Number of groups per row; group_size = -1 means one group (per-channel)."""
+    return 1 if group_size == -1 else n_in // group_size
+
+
+def effective_group_size(n_in: int, group_size: int) -> int:
+    return n_in if group_size == -1 else group_size
+
+
+def expand_groups(per_group: np.ndarray, n_in: int) -> np.ndarray:
+    """(out, G) -> (out, in): repeat each group's value over its columns."""
+    return np.repeat(per_group, n_in // per_group.shape[1], axis=1)
+
+
+def dequantize_parts(q: np.ndarray, scale: np.ndarray, zero: np.ndarray) -> np.ndarray:
+    """Ŵ = s·q + z, element-wise after expanding (s, z) over the groups (float64)."""
+    n_in = q.shape[1]
+    return expand_groups(scale, n_in) * q + expand_groups(zero, n_in)
+
+
+@dataclass
+class QuantResult:
+    """Outcome of one layer solve, in the spirit of scipy.optimize.OptimizeResult.
+
+    q             uint8 (out, in), values in [0, 2**bits - 1]
+    scale, zero   float64 (out, n_groups)
+    loss          Σ_i (Ŵ_i − W_i) H (Ŵ_i − W_i)ᵀ on the H passed in (undamped)
+    row_loss      the same per row (out,)
+    objective     the solver's objective: the loss on the damped H (what decisions were made on)
+    loss_history  objective after init and after every half-step (never increases)
+    history_steps name of each history entry ("init", "integer[0]", "float[0]", ...)
+    improved_rows rows that took each half-step's proposal (same length as history_steps)
+    config        the QuantConfig used
+    """
+
+    q: np.ndarray
+    scale: np.ndarray
+    zero: np.ndarray
+    loss: float
+    row_loss: np.ndarray
+    objective: float
+    loss_history: list[float]
+    history_steps: list[str]
+    improved_rows: list[int]
+    config: QuantConfig
+    info: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def bits(self) -> int:
+        return self.config.bits
+
+    @property
+    def group_size(self) -> int:
+        return effective_group_size(self.q.shape[1], self.config.group_size)
+
+    def dequantize(self) -> np.ndarray:
+        return dequantize_parts(self.q, self.scale, self.zero)
+
+    def __repr__(self) -> str:  # short: arrays are large
+        out, n_in = self.q.shape
+        return (
+            f"QuantResult(shape=({out}, {n_in}), bits={self.bits}, group_size={self.config.group_size}, "
+            f"method={self.config.method!r}, loss={self.loss:.6g}, objective={self.objective:.6g}, "
+            f"steps={len(self.loss_history)})"
+        )
+
+
+def dequantize(result: QuantResult) -> np.ndarray:
+    """Ŵ for a QuantResult (float64, (out, in))."""
+    return result.dequantize()

@@ -1,0 +1,91 @@
+"""Initialisation: min-max (s, z) per group, refined by a shrink grid search on the H-loss."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .format import dequantize_parts
+from .objective import row_losses
+
+
+def safe_div(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """x / y with |y| clamped to >= 1e-15, keeping y's sign (0 counts as positive).
+
+    A zero scale happens when a group is constant; any q then gives the same Ŵ, so the
+    clamp only has to keep the division finite.
+    """
+    sign = np.where(y < 0, -1.0, 1.0)
+    return x / (np.maximum(np.abs(y), 1e-15) * sign)
+
+
+def round_half_up(x: np.ndarray) -> np.ndarray:
+    """Round to nearest, ties towards +inf (floor(x + 0.5)).
+
+    The official code rounds ties up rather than to even so that mathematically equal
+    procedures give equal integers; we keep that convention for bit-exact comparisons.
+    """
+    return np.floor(x + 0.5)
+
+
+def minmax_range(W: np.ndarray, group_size: int, symmetric: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Per-group (xmin, xmax) of W, widened to contain 0; all-zero groups get [-1, 1].
+
+    Returns two (out, G) arrays. Symmetric mode uses [-max|x|, max|x|].
+    """
+    out, n_in = W.shape
+    gs = n_in if group_size == -1 else group_size
+    Wg = W.reshape(out, n_in // gs, gs)
+    xmin = np.minimum(Wg.min(axis=2), 0.0)
+    xmax = np.maximum(Wg.max(axis=2), 0.0)
+    if symmetric:
+        xmax = np.maximum(-xmin, xmax)
+        xmin = -xmax
+    dead = (xmin == 0) & (xmax == 0)
+    xmin[dead], xmax[dead] = -1.0, 1.0
+    return xmin, xmax
+
+
+def minmax_scale_zero(xmin: np.ndarray, xmax: np.ndarray, bits: int, symmetric: bool) -> tuple[np.ndarray, np.ndarray]:
+    """s = (xmax − xmin) / (2^b − 1);  z = xmin  (asymmetric)  or  z = −s·2^(b−1)  (symmetric).
+
+    With q ∈ [0, 2^b − 1] the grid s·q + z then spans [xmin, xmax] exactly (asymmetric).
+    """
+    maxq = (1 << bits) - 1
+    scale = (xmax - xmin) / maxq
+    zero = -scale * (1 << (bits - 1)) if symmetric else xmin.copy()
+    return scale, zero
+
+
+def quantize_rtn(W: np.ndarray, scale: np.ndarray, zero: np.ndarray, bits: int) -> np.ndarray:
+    """q = clamp(round((W − z) / s), 0, 2^b − 1): round-to-nearest onto the (s, z) grid."""
+    n_in = W.shape[1]
+    s = np.repeat(scale, n_in // scale.shape[1], axis=1)
+    z = np.repeat(zero, n_in // zero.shape[1], axis=1)
+    q = round_half_up(safe_div(W - z, s))
+    return np.clip(q, 0, (1 << bits) - 1)
+
+
+def shrink_factors(grid: int, max_shrink: float) -> np.ndarray:
+    """p_i = 1 − i/grid for i = 0 .. ⌊max_shrink·grid⌋ − 1 (p = 1 is plain min-max)."""
+    if grid == 0:
+        return np.ones(1)
+    return 1.0 - np.arange(max(int(max_shrink * grid), 1)) / grid
+
+
+def init_scale_zero(
+    W: np.ndarray, H: np.ndarray, bits: int, group_size: int, symmetric: bool, grid: int, max_shrink: float
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Shrink grid search: each row keeps the p minimising ℓ_i(RTN(W; p·xmin, p·xmax)).
+
+    The same p is used for all groups of a row because the H-loss couples a row's groups.
+    Returns (scale, zero, row_loss), ties resolved towards the larger p (less clipping).
+    """
+    xmin, xmax = minmax_range(W, group_size, symmetric)
+    best_s, best_z = minmax_scale_zero(xmin, xmax, bits, symmetric)
+    best = row_losses(W, dequantize_parts(quantize_rtn(W, best_s, best_z, bits), best_s, best_z), H)
+    for p in shrink_factors(grid, max_shrink)[1:]:
+        s, z = minmax_scale_zero(p * xmin, p * xmax, bits, symmetric)
+        loss = row_losses(W, dequantize_parts(quantize_rtn(W, s, z, bits), s, z), H)
+        better = loss < best
+        best[better], best_s[better], best_z[better] = loss[better], s[better], z[better]
+    return best_s, best_z, best

@@ -1,0 +1,81 @@
+"""decoupleQ's layer solver: alternate the integer and float steps, per row keeping only what
+lowers the objective.  rtn, gptq and decoupleq share this one code path:
+
+    rtn       = init
+    gptq      = init → integer step
+    decoupleq = init → (integer step → float step) × iters
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .checks import check_layer
+from .config import QuantConfig
+from .float_step import closed_form_scale_zero
+from .format import QuantResult, dequantize_parts
+from .init import init_scale_zero, quantize_rtn
+from .integer_step import integer_step
+from .objective import damp_hessian, row_losses
+
+
+def keep_better(best: np.ndarray, proposal: np.ndarray) -> np.ndarray:
+    """Rows where the proposal strictly lowers the objective (ties keep the incumbent)."""
+    return proposal < best
+
+
+def quantize_layer(W: np.ndarray, H: np.ndarray, cfg: QuantConfig | None = None) -> QuantResult:
+    """Quantize one linear layer W (out, in) under the H-weighted loss; H (in, in) is XᵀX/N.
+
+    Returns a QuantResult with q (uint8), scale and zero (out, n_groups), the loss on H, and the
+    objective history on the damped H. Raises ValueError for malformed input (see checks.py).
+    """
+    cfg = cfg or QuantConfig()
+    W, H = check_layer(W, H, cfg.group_size)
+    Hd = damp_hessian(H, cfg.damp)
+    b = cfg.bits
+
+    scale, zero, obj = init_scale_zero(W, Hd, b, cfg.group_size, cfg.symmetric, cfg.grid, cfg.max_shrink)
+    q = quantize_rtn(W, scale, zero, b)
+    history, steps, improved = [float(obj.sum())], ["init"], [W.shape[0]]
+
+    def record(name: str, better: np.ndarray) -> float:
+        history.append(float(obj.sum()))
+        steps.append(name)
+        improved.append(int(better.sum()))
+        return better.mean()
+
+    rounds = {"rtn": 0, "gptq": 1, "decoupleq": cfg.iters}[cfg.method]
+    for it in range(rounds):
+        q_new = integer_step(W, scale, zero, Hd, b, cfg.act_order, cfg.block_size, cfg.damp,
+                             cfg.relax_iters, cfg.relax_lr)
+        obj_new = row_losses(W, dequantize_parts(q_new, scale, zero), Hd)
+        better = keep_better(obj, obj_new)
+        q[better], obj[better] = q_new[better], obj_new[better]
+        rate = record(f"integer[{it}]", better)
+        if cfg.method == "gptq":
+            break
+        if it > 0 and rate < cfg.min_improvement:
+            break
+
+        s_new, z_new = closed_form_scale_zero(q, W, Hd, b, cfg.group_size, cfg.symmetric, scale)
+        obj_new = row_losses(W, dequantize_parts(q, s_new, z_new), Hd)
+        better = keep_better(obj, obj_new)
+        scale[better], zero[better], obj[better] = s_new[better], z_new[better], obj_new[better]
+        if record(f"float[{it}]", better) < cfg.min_improvement:
+            break
+
+    W_hat = dequantize_parts(q, scale, zero)
+    row_loss = row_losses(W, W_hat, H)
+    return QuantResult(
+        q=q.astype(np.uint8),
+        scale=scale,
+        zero=zero,
+        loss=float(row_loss.sum()),
+        row_loss=row_loss,
+        objective=float(obj.sum()),
+        loss_history=history,
+        history_steps=steps,
+        improved_rows=improved,
+        config=cfg,
+    )
