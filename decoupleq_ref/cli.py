@@ -11,7 +11,7 @@ import numpy as np
 import typer
 
 from .config import METHODS, QuantConfig
-from .solver import quantize_layer
+from .backends import BACKENDS, get_solver
 from .synthetic import synthetic_layer
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
@@ -54,6 +54,7 @@ def quantize_layer_cmd(
     out: int = typer.Option(256, min=1, help="synthetic layer: output channels"),
     n_in: int = typer.Option(512, "--in", min=1, help="synthetic layer: input channels"),
     seed: int = typer.Option(0, help="synthetic layer seed"),
+    backend: Optional[str] = typer.Option(None, help=f"one of {', '.join(BACKENDS)}; default: fastest available"),
     json_out: bool = typer.Option(False, "--json", help="print one JSON object instead of a table"),
 ) -> None:
     """Quantize one layer with rtn, gptq and decoupleq and print their losses side by side."""
@@ -67,12 +68,16 @@ def quantize_layer_cmd(
     bad = [m for m in chosen if m not in METHODS]
     if bad:
         raise typer.BadParameter(f"unknown method(s) {bad}; choose from {METHODS}", param_hint="--methods")
+    try:
+        solve = get_solver(backend)
+    except ValueError as e:
+        raise typer.BadParameter(str(e), param_hint="--backend") from None
     rows = []
     for m in chosen:
         try:
             cfg = QuantConfig(bits=bits, group_size=group_size, method=m, iters=iters)
             t0 = time.perf_counter()
-            res = quantize_layer(W, H, cfg)
+            res = solve(W, H, cfg)
         except ValueError as e:
             raise typer.BadParameter(str(e)) from None
         rows.append({"method": m, "loss": res.loss, "objective": res.objective,
@@ -85,3 +90,7 @@ def quantize_layer_cmd(
     typer.echo(f"{'method':<10} {'loss (on H)':>14} {'vs ' + chosen[0]:>10} {'seconds':>9}")
     for r in rows:
         typer.echo(f"{r['method']:<10} {r['loss']:>14.6g} {r['loss'] / base:>10.3f} {r['seconds']:>9.2f}")
+
+
+# Commands defined in other modules register themselves on ``app`` when imported.
+from . import cli_model, cli_validate  # noqa: E402,F401

@@ -1,0 +1,1 @@
+"""Model-level commands (calibrate, quantize, run, eval, demo): see issue #5."""

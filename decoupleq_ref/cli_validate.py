@@ -1,0 +1,1 @@
+"""Oracle commands (validate): see issue #6."""
