@@ -30,6 +30,10 @@ class QuantConfig:
     act_order     GPTQ rounds columns by decreasing diag(H)
     relax_iters   Adam steps of the box-relaxed integer step before rounding (official: 0)
     relax_lr      Adam learning rate of that step, in weight units
+    refine_sweeps decoupleq only: after the alternation, polish q by exact ±1 descent at fixed
+                  (s, z), at most this many sweeps per round; 0 = off (official behaviour)
+    refine_rounds at most this many (descent → float step) polish rounds; stops earlier when
+                  a round moves no code. See decoupleq_ref/refine.py and BENCHMARKS.md.
     block_size    GPTQ lazy-update block width (changes speed only, not the result)
     min_improvement  stop when fewer than this fraction of rows improved in a half-step
     seed          seed for every random choice (none at the defaults; kept for API stability)
@@ -46,6 +50,8 @@ class QuantConfig:
     act_order: bool = True
     relax_iters: int = 0
     relax_lr: float = 1e-3
+    refine_sweeps: int = 0
+    refine_rounds: int = 16
     block_size: int = 128
     min_improvement: float = 1e-4
     seed: int = 0
@@ -70,6 +76,10 @@ class QuantConfig:
         need(isinstance(self.relax_iters, int) and self.relax_iters >= 0, "relax_iters",
              f"must be a non-negative integer, got {self.relax_iters!r}")
         need(self.relax_lr > 0, "relax_lr", f"must be positive, got {self.relax_lr!r}")
+        need(isinstance(self.refine_sweeps, int) and self.refine_sweeps >= 0, "refine_sweeps",
+             f"must be a non-negative integer, got {self.refine_sweeps!r}")
+        need(isinstance(self.refine_rounds, int) and self.refine_rounds >= 0, "refine_rounds",
+             f"must be a non-negative integer, got {self.refine_rounds!r}")
         need(isinstance(self.block_size, int) and self.block_size >= 1, "block_size",
              f"must be a positive integer, got {self.block_size!r}")
         need(0 <= self.min_improvement <= 1, "min_improvement",

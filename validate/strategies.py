@@ -70,4 +70,5 @@ def configs(draw, methods: tuple[str, ...] = ("rtn", "gptq", "decoupleq"), bits:
         grid=draw(st.sampled_from([0, 20] if fast else [0, 200])),
         act_order=draw(st.booleans()),
         relax_iters=draw(st.sampled_from([0, 0, 5])),
+        refine_sweeps=draw(st.sampled_from([0, 0, 2])),
     )
