@@ -34,6 +34,8 @@ class QuantConfig:
                   (s, z), at most this many sweeps per round; 0 = off (official behaviour)
     refine_rounds at most this many (descent → float step) polish rounds; stops earlier when
                   a round moves no code. See decoupleq_ref/refine.py and BENCHMARKS.md.
+    lower_bound   also compute a certified lower bound of the optimum (res.gap_bound); costs
+                  O(2^b·g²) per group of g columns (seconds per-channel on 1536 columns)
     block_size    GPTQ lazy-update block width (changes speed only, not the result)
     min_improvement  stop when fewer than this fraction of rows improved in a half-step
     seed          seed for every random choice (none at the defaults; kept for API stability)
@@ -52,6 +54,7 @@ class QuantConfig:
     relax_lr: float = 1e-3
     refine_sweeps: int = 0
     refine_rounds: int = 16
+    lower_bound: bool = False
     block_size: int = 128
     min_improvement: float = 1e-4
     seed: int = 0

@@ -47,6 +47,8 @@ class QuantResult:
     history_steps name of each history entry ("init", "integer[0]", "float[0]", ...)
     improved_rows rows that took each half-step's proposal (same length as history_steps)
     config        the QuantConfig used
+    lower_bound   with config.lower_bound: certified lower bound of the optimal objective
+                  (decoupleq_ref/bounds.py), so objective / lower_bound bounds the optimality gap
     """
 
     q: np.ndarray
@@ -59,7 +61,15 @@ class QuantResult:
     history_steps: list[str]
     improved_rows: list[int]
     config: QuantConfig
+    lower_bound: float | None = None
     info: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def gap_bound(self) -> float | None:
+        """objective / certified lower bound: the solution is at most this factor from optimal."""
+        if self.lower_bound is None:
+            return None
+        return self.objective / self.lower_bound if self.lower_bound > 0 else float("inf")
 
     @property
     def bits(self) -> int:

@@ -19,6 +19,7 @@ from .format import QuantResult, dequantize_parts
 from .init import init_scale_zero, quantize_rtn
 from .integer_step import integer_step
 from .objective import damp_hessian, row_losses
+from .bounds import row_lower_bound
 from .refine import refine_integers
 
 
@@ -91,4 +92,5 @@ def quantize_layer(W: np.ndarray, H: np.ndarray, cfg: QuantConfig | None = None)
         history_steps=steps,
         improved_rows=improved,
         config=cfg,
+        lower_bound=float(row_lower_bound(W, Hd, b, cfg.group_size).sum()) if cfg.lower_bound else None,
     )

@@ -59,3 +59,40 @@ def test_refinement_improves_decoupleq_on_a_structured_layer():
         assert ref.objective < 0.99 * base.objective
         assert np.all(np.diff(ref.loss_history) <= 1e-12 * ref.loss_history[0])
         assert ref.history_steps[: len(base.history_steps)] == base.history_steps
+
+
+def test_lower_bound_is_below_the_global_optimum_on_tiny_layers():
+    """Brute force over every q row with the closed-form (s, z): the bound must stay below."""
+    rng = np.random.default_rng(3)
+    for _ in range(4):
+        W = rng.standard_normal((2, 5))
+        H = make_hessian(rng, 5, rank=3)
+        res = dq.quantize_layer(W, H, dq.QuantConfig(lower_bound=True))
+        Hd = damp_hessian(H, 0.01)
+        best = np.full(2, np.inf)
+        for qs in itertools.product(range(4), repeat=5):
+            qq = np.tile(np.array(qs, dtype=np.uint8), (2, 1))
+            s, z = dq.closed_form_scale_zero(qq, W, Hd, 2, -1, False, np.ones((2, 1)))
+            best = np.minimum(best, loss_rows(qq, W, s, z, Hd))
+        assert 0 < res.lower_bound <= best.sum() * (1 + 1e-9)
+        assert res.gap_bound >= res.objective / best.sum() * (1 - 1e-9)
+
+
+def test_weighted_kmeans_matches_brute_force():
+    from decoupleq_ref.bounds import weighted_kmeans_1d
+
+    rng = np.random.default_rng(0)
+    x, w = rng.standard_normal((3, 7)), rng.random((3, 7))
+    got = weighted_kmeans_1d(x, w, 3)
+    for r in range(3):
+        best = np.inf
+        for labels in itertools.product(range(3), repeat=7):
+            lab = np.array(labels)
+            cost = 0.0
+            for k in range(3):
+                m = lab == k
+                if m.any():
+                    mu = (w[r, m] * x[r, m]).sum() / w[r, m].sum()
+                    cost += (w[r, m] * (x[r, m] - mu) ** 2).sum()
+            best = min(best, cost)
+        assert np.isclose(got[r], best, rtol=1e-10)
