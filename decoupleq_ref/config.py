@@ -34,6 +34,8 @@ class QuantConfig:
                   (s, z), at most this many sweeps per round; 0 = off (official behaviour)
     refine_rounds at most this many (descent → float step) polish rounds; stops earlier when
                   a round moves no code. See decoupleq_ref/refine.py and BENCHMARKS.md.
+    n_starts      run the method from this many grid placements and keep each row's best
+                  (1 = official single init; extra starts: init.placement_starts)
     lower_bound   also compute a certified lower bound of the optimum (res.gap_bound); costs
                   O(2^b·g²) per group of g columns (seconds per-channel on 1536 columns)
     block_size    GPTQ lazy-update block width (changes speed only, not the result)
@@ -54,6 +56,7 @@ class QuantConfig:
     relax_lr: float = 1e-3
     refine_sweeps: int = 0
     refine_rounds: int = 16
+    n_starts: int = 1
     lower_bound: bool = False
     block_size: int = 128
     min_improvement: float = 1e-4
@@ -83,6 +86,8 @@ class QuantConfig:
              f"must be a non-negative integer, got {self.refine_sweeps!r}")
         need(isinstance(self.refine_rounds, int) and self.refine_rounds >= 0, "refine_rounds",
              f"must be a non-negative integer, got {self.refine_rounds!r}")
+        need(isinstance(self.n_starts, int) and self.n_starts >= 1, "n_starts",
+             f"must be a positive integer, got {self.n_starts!r}")
         need(isinstance(self.block_size, int) and self.block_size >= 1, "block_size",
              f"must be a positive integer, got {self.block_size!r}")
         need(0 <= self.min_improvement <= 1, "min_improvement",

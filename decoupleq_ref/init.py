@@ -89,3 +89,47 @@ def init_scale_zero(
         better = loss < best
         best[better], best_s[better], best_z[better] = loss[better], s[better], z[better]
     return best_s, best_z, best
+
+
+def placement_candidates(
+    xmin: np.ndarray, xmax: np.ndarray, bits: int, symmetric: bool
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Grid placements beyond min-max shrinking, each an (s, z) pair of (out, G) arrays.
+
+    Asymmetric: the grid spans [xmin + a·r, xmin + b·r], r = xmax − xmin, for a ∈ [−0.2, 0.4] and
+    b ∈ [0.6, 1.2] (7 × 7): shifted and stretched grids that need not contain both extremes —
+    on tiny layers the global optimum often looks like that. Symmetric: s = p·s_minmax for
+    p ∈ [0.2, 1.2] (21 values).
+    """
+    if symmetric:
+        s0, _ = minmax_scale_zero(xmin, xmax, bits, True)
+        return [(p * s0, -p * s0 * (1 << (bits - 1))) for p in np.linspace(0.2, 1.2, 21)]
+    r = xmax - xmin
+    maxq = (1 << bits) - 1
+    return [((b - a) * r / maxq, xmin + a * r)
+            for a in np.linspace(-0.2, 0.4, 7) for b in np.linspace(0.6, 1.2, 7)]
+
+
+def placement_starts(
+    W: np.ndarray, H: np.ndarray, bits: int, group_size: int, symmetric: bool, n: int
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """The n best placement candidates per row, as n (scale, zero) pairs.
+
+    Each candidate is scored per row by its RTN loss and by the loss after the exact float step
+    on those RTN codes (whichever is lower); start k gives every row its k-th best candidate.
+    """
+    from .float_step import closed_form_scale_zero  # local: float_step imports nothing from here
+
+    xmin, xmax = minmax_range(W, group_size, symmetric)
+    cands = placement_candidates(xmin, xmax, bits, symmetric)
+    scores = np.empty((len(cands), W.shape[0]))
+    for k, (s, z) in enumerate(cands):
+        q = quantize_rtn(W, s, z, bits)
+        s2, z2 = closed_form_scale_zero(q, W, H, bits, group_size, symmetric, s)
+        scores[k] = np.minimum(row_losses(W, dequantize_parts(q, s, z), H),
+                               row_losses(W, dequantize_parts(q, s2, z2), H))
+    order = np.argsort(scores, axis=0, kind="stable")
+    rows = np.arange(W.shape[0])
+    S = np.stack([c[0] for c in cands])  # (K, out, G)
+    Z = np.stack([c[1] for c in cands])
+    return [(S[order[k], rows], Z[order[k], rows]) for k in range(min(n, len(cands)))]

@@ -5,27 +5,90 @@ lowers the objective.  rtn, gptq and decoupleq share this one code path:
     gptq      = init → integer step
     decoupleq = init → (integer step → float step) × iters [→ (refinement → float step) × rounds]
 
-The refinement (refine_sweeps > 0) is this project's addition, off by default (official behaviour).
+Two additions of this project, both off by default (official behaviour): the refinement
+(``refine_sweeps > 0``) and extra starts (``n_starts > 1``): the whole path is run again from
+other grid placements and each row keeps its best run.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import numpy as np
 
+from .bounds import row_lower_bound
 from .checks import check_layer
 from .config import QuantConfig
 from .float_step import closed_form_scale_zero
 from .format import QuantResult, dequantize_parts
-from .init import init_scale_zero, quantize_rtn
+from .init import init_scale_zero, placement_starts, quantize_rtn
 from .integer_step import integer_step
 from .objective import damp_hessian, row_losses
-from .bounds import row_lower_bound
 from .refine import refine_integers
 
 
 def keep_better(best: np.ndarray, proposal: np.ndarray) -> np.ndarray:
     """Rows where the proposal strictly lowers the objective (ties keep the incumbent)."""
     return proposal < best
+
+
+@dataclass
+class Run:
+    """The state of one solve: current (q, s, z), per-row objective, and its history."""
+
+    q: np.ndarray
+    scale: np.ndarray
+    zero: np.ndarray
+    obj: np.ndarray
+    history: list[float] = field(default_factory=list)
+    steps: list[str] = field(default_factory=list)
+    improved: list[int] = field(default_factory=list)
+
+    def offer(self, name: str, q: np.ndarray, scale: np.ndarray, zero: np.ndarray, obj: np.ndarray) -> float:
+        """Rows whose objective the proposal lowers take it; returns the fraction that did."""
+        better = keep_better(self.obj, obj)
+        self.q[better], self.scale[better], self.zero[better], self.obj[better] = (
+            q[better], scale[better], zero[better], obj[better])
+        self.history.append(float(self.obj.sum()))
+        self.steps.append(name)
+        self.improved.append(int(better.sum()))
+        return float(better.mean())
+
+
+def alternate(W: np.ndarray, Hd: np.ndarray, scale: np.ndarray, zero: np.ndarray, cfg: QuantConfig) -> Run:
+    """The method's whole path from an initial (s, z): RTN, then the steps ``cfg.method`` asks for."""
+    b = cfg.bits
+    q = quantize_rtn(W, scale, zero, b)
+    run = Run(q, scale.copy(), zero.copy(), row_losses(W, dequantize_parts(q, scale, zero), Hd))
+    run.history, run.steps, run.improved = [float(run.obj.sum())], ["init"], [W.shape[0]]
+
+    def propose(name: str, q_new: np.ndarray, s_new: np.ndarray, z_new: np.ndarray) -> float:
+        return run.offer(name, q_new, s_new, z_new, row_losses(W, dequantize_parts(q_new, s_new, z_new), Hd))
+
+    def float_step(name: str) -> float:
+        s_new, z_new = closed_form_scale_zero(run.q, W, Hd, b, cfg.group_size, cfg.symmetric, run.scale)
+        return propose(name, run.q, s_new, z_new)
+
+    rounds = {"rtn": 0, "gptq": 1, "decoupleq": cfg.iters}[cfg.method]
+    for it in range(rounds):
+        q_new = integer_step(W, run.scale, run.zero, Hd, b, cfg.act_order, cfg.block_size, cfg.damp,
+                             cfg.relax_iters, cfg.relax_lr)
+        rate = propose(f"integer[{it}]", q_new, run.scale, run.zero)
+        if cfg.method == "gptq" or (it > 0 and rate < cfg.min_improvement):
+            break
+        if float_step(f"float[{it}]") < cfg.min_improvement:
+            break
+
+    # Polish: exact ±1 descent on q, then the exact float step, until no code moves. Starting it
+    # after the alternation reaches lower losses than interleaving it with GPTQ (BENCHMARKS.md).
+    if cfg.method == "decoupleq" and cfg.refine_sweeps:
+        for r in range(cfg.refine_rounds):
+            q_new, moves = refine_integers(run.q, W, run.scale, run.zero, Hd, b, cfg.refine_sweeps)
+            propose(f"refine[{r}]", q_new, run.scale, run.zero)
+            float_step(f"refit[{r}]")
+            if moves == 0:
+                break
+    return run
 
 
 def quantize_layer(W: np.ndarray, H: np.ndarray, cfg: QuantConfig | None = None) -> QuantResult:
@@ -37,60 +100,25 @@ def quantize_layer(W: np.ndarray, H: np.ndarray, cfg: QuantConfig | None = None)
     cfg = cfg or QuantConfig()
     W, H = check_layer(W, H, cfg.group_size)
     Hd = damp_hessian(H, cfg.damp)
-    b = cfg.bits
+    scale, zero, _ = init_scale_zero(W, Hd, cfg.bits, cfg.group_size, cfg.symmetric, cfg.grid, cfg.max_shrink)
+    run = alternate(W, Hd, scale, zero, cfg)
+    if cfg.n_starts > 1 and cfg.method != "rtn":
+        for k, (s0, z0) in enumerate(placement_starts(W, Hd, cfg.bits, cfg.group_size, cfg.symmetric,
+                                                      cfg.n_starts - 1), start=1):
+            other = alternate(W, Hd, s0, z0, cfg)
+            run.offer(f"start[{k}]", other.q, other.scale, other.zero, other.obj)
 
-    scale, zero, obj = init_scale_zero(W, Hd, b, cfg.group_size, cfg.symmetric, cfg.grid, cfg.max_shrink)
-    q = quantize_rtn(W, scale, zero, b)
-    history, steps, improved = [float(obj.sum())], ["init"], [W.shape[0]]
-
-    def half_step(name: str, q_new: np.ndarray, s_new: np.ndarray, z_new: np.ndarray) -> float:
-        """Rows whose objective the proposal lowers take it; returns the fraction that did."""
-        obj_new = row_losses(W, dequantize_parts(q_new, s_new, z_new), Hd)
-        better = keep_better(obj, obj_new)
-        q[better], scale[better], zero[better], obj[better] = (
-            q_new[better], s_new[better], z_new[better], obj_new[better])
-        history.append(float(obj.sum()))
-        steps.append(name)
-        improved.append(int(better.sum()))
-        return float(better.mean())
-
-    rounds = {"rtn": 0, "gptq": 1, "decoupleq": cfg.iters}[cfg.method]
-    for it in range(rounds):
-        q_new = integer_step(W, scale, zero, Hd, b, cfg.act_order, cfg.block_size, cfg.damp,
-                             cfg.relax_iters, cfg.relax_lr)
-        rate = half_step(f"integer[{it}]", q_new, scale, zero)
-        if cfg.method == "gptq":
-            break
-        if it > 0 and rate < cfg.min_improvement:
-            break
-        s_new, z_new = closed_form_scale_zero(q, W, Hd, b, cfg.group_size, cfg.symmetric, scale)
-        if half_step(f"float[{it}]", q, s_new, z_new) < cfg.min_improvement:
-            break
-
-    # Polish (this project's addition): exact ±1 descent on q, then the exact float step, until
-    # no code moves. Starting it after the alternation matters: polishing the alternation's
-    # final (s, z) reaches lower losses than interleaving it with GPTQ (BENCHMARKS.md).
-    if cfg.method == "decoupleq" and cfg.refine_sweeps:
-        for r in range(cfg.refine_rounds):
-            q_new, moves = refine_integers(q, W, scale, zero, Hd, b, cfg.refine_sweeps)
-            half_step(f"refine[{r}]", q_new, scale, zero)
-            s_new, z_new = closed_form_scale_zero(q, W, Hd, b, cfg.group_size, cfg.symmetric, scale)
-            half_step(f"refit[{r}]", q, s_new, z_new)
-            if moves == 0:
-                break
-
-    W_hat = dequantize_parts(q, scale, zero)
-    row_loss = row_losses(W, W_hat, H)
+    row_loss = row_losses(W, dequantize_parts(run.q, run.scale, run.zero), H)
     return QuantResult(
-        q=q.astype(np.uint8),
-        scale=scale,
-        zero=zero,
+        q=run.q.astype(np.uint8),
+        scale=run.scale,
+        zero=run.zero,
         loss=float(row_loss.sum()),
         row_loss=row_loss,
-        objective=float(obj.sum()),
-        loss_history=history,
-        history_steps=steps,
-        improved_rows=improved,
+        objective=float(run.obj.sum()),
+        loss_history=run.history,
+        history_steps=run.steps,
+        improved_rows=run.improved,
         config=cfg,
-        lower_bound=float(row_lower_bound(W, Hd, b, cfg.group_size).sum()) if cfg.lower_bound else None,
+        lower_bound=float(row_lower_bound(W, Hd, cfg.bits, cfg.group_size).sum()) if cfg.lower_bound else None,
     )

@@ -96,3 +96,13 @@ def test_weighted_kmeans_matches_brute_force():
                     cost += (w[r, m] * (x[r, m] - mu) ** 2).sum()
             best = min(best, cost)
         assert np.isclose(got[r], best, rtol=1e-10)
+
+
+def test_extra_starts_never_hurt_and_keep_history_monotone():
+    W, H = dq.synthetic_layer(48, 64, 256, seed=2)
+    for gs, sym in ((-1, False), (16, False), (-1, True)):
+        one = dq.quantize_layer(W, H, dq.QuantConfig(group_size=gs, symmetric=sym))
+        many = dq.quantize_layer(W, H, dq.QuantConfig(group_size=gs, symmetric=sym, n_starts=3))
+        assert many.objective <= one.objective
+        assert many.history_steps[-2:] == ["start[1]", "start[2]"]
+        assert np.all(np.diff(many.loss_history[len(one.loss_history) - 1:]) <= 0)

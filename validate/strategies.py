@@ -71,4 +71,5 @@ def configs(draw, methods: tuple[str, ...] = ("rtn", "gptq", "decoupleq"), bits:
         act_order=draw(st.booleans()),
         relax_iters=draw(st.sampled_from([0, 0, 5])),
         refine_sweeps=draw(st.sampled_from([0, 0, 2])),
+        n_starts=draw(st.sampled_from([1, 1, 2])),
     )
