@@ -90,3 +90,59 @@ def box_lower_bound(
     fw_gap = np.minimum(grad * (lo - w), grad * (hi - w)).sum(axis=1)
     return np.maximum(f + fw_gap, 0.0)
 
+
+
+def refine_profiled(
+    q: np.ndarray, W: np.ndarray, H: np.ndarray, bits: int, symmetric: bool, sweeps: int, rel_tol: float = 1e-12
+) -> tuple[np.ndarray, int]:
+    """Per-channel coordinate descent on the profiled loss f(q) = min_{s,z} ℓ_i(q, s, z).
+
+    With a = q (asymmetric) or a = q − 2^(b−1) (symmetric) the float step is the 2×2 (1×1)
+    system of ALGORITHM.md §3, so f(q) = wHwᵀ − yᵀP⁻¹y needs only aHaᵀ, aH1ᵀ, aHwᵀ. A move
+    a_j += δ changes them by 2δ(Ha)_j + δ²H_jj, δ(H1)_j, δ(Hw)_j: O(1) per candidate, and the
+    accepted move updates Ha by δ·H_j (O(in)). Unlike refine_integers, (s, z) follow every move,
+    so codes can move together with the grid. Returns (q, moves accepted); f never increases.
+    """
+    maxq = (1 << bits) - 1
+    a = q.astype(np.float64) - (float(1 << (bits - 1)) if symmetric else 0.0)
+    q = q.astype(np.float64).copy()
+    h1, Hw = H.sum(axis=1), W @ H
+    u = a @ H
+    aHa, aH1, aHw = np.einsum("ij,ij->i", u, a), a @ h1, np.einsum("ij,ij->i", Hw, a)
+    oHo, oHw, wHw = h1.sum(), Hw.sum(axis=1), np.einsum("ij,ij->i", Hw, W)
+    h_diag = np.diag(H)
+
+    def profile(aa: np.ndarray, a1: np.ndarray, aw: np.ndarray) -> np.ndarray:
+        if symmetric:
+            return wHw - np.where(aa > 0, aw * aw / np.where(aa > 0, aa, 1.0), 0.0)
+        det = aa * oHo - a1 * a1
+        ok = det > 1e-12 * np.abs(aa * oHo)
+        full = (aw * aw * oHo - 2 * a1 * aw * oHw + aa * oHw * oHw) / np.where(ok, det, 1.0)
+        return wHw - np.where(ok, full, oHw * oHw / oHo)  # constant a: only z is identifiable
+
+    f = profile(aHa, aH1, aHw)
+    moves = 0
+    for _ in range(sweeps):
+        moved = 0
+        for j in range(W.shape[1]):
+            best = f - rel_tol * np.abs(f)
+            best_step = np.zeros_like(f)
+            for step in (-1.0, 1.0):
+                cand = profile(aHa + 2 * step * u[:, j] + h_diag[j], aH1 + step * h1[j], aHw + step * Hw[:, j])
+                take = (cand < best) & (q[:, j] + step >= 0) & (q[:, j] + step <= maxq)
+                best = np.where(take, cand, best)
+                best_step = np.where(take, step, best_step)
+            rows = np.nonzero(best_step)[0]
+            if rows.size:
+                step = best_step[rows]
+                aHa[rows] += 2 * step * u[rows, j] + h_diag[j]
+                aH1[rows] += step * h1[j]
+                aHw[rows] += step * Hw[rows, j]
+                u[rows] += step[:, None] * H[j]
+                q[rows, j] += step
+                f[rows] = best[rows]
+                moved += rows.size
+        moves += moved
+        if moved == 0:
+            break
+    return q, moves
