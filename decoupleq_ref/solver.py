@@ -3,7 +3,7 @@ lowers the objective.  rtn, gptq and decoupleq share this one code path:
 
     rtn       = init
     gptq      = init → integer step
-    decoupleq = init → (integer step → float step) × iters [→ (refinement → float step) × rounds]
+    decoupleq = init → float step → (integer step → float step) × iters [→ (refinement → float step) × rounds]
 
 Two additions of this project, both off by default (official behaviour): the refinement
 (``refine_sweeps > 0``) and extra starts (``n_starts > 1``): the whole path is run again from
@@ -70,6 +70,10 @@ def alternate(W: np.ndarray, Hd: np.ndarray, scale: np.ndarray, zero: np.ndarray
         return propose(name, run.q, s_new, z_new)
 
     rounds = {"rtn": 0, "gptq": 1, "decoupleq": cfg.iters}[cfg.method]
+    if cfg.method == "decoupleq":
+        # The official solver's first GPTQ grid is the least-squares (s, z) of the grid-searched RTN
+        # codes, not the grid-searched (s, z) itself: on real layers this start is worth 1-6 %.
+        float_step("float[init]")
     for it in range(rounds):
         q_new = integer_step(W, run.scale, run.zero, Hd, b, cfg.act_order, cfg.block_size, cfg.damp,
                              cfg.relax_iters, cfg.relax_lr)
