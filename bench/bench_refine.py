@@ -23,13 +23,14 @@ import numpy as np
 import decoupleq_ref as dq
 from decoupleq_ref.objective import damp_hessian
 
-IMPROVED = dict(refine_sweeps=3, n_starts=4)
 VARIANTS = {
     "gptq": dict(method="gptq"),
     "decoupleq (official settings)": {},
     "decoupleq + refine": dict(refine_sweeps=3),
-    "decoupleq + refine + 4 starts": IMPROVED,
+    "decoupleq + refine + 4 starts": dict(refine_sweeps=3, n_starts=4),
+    "decoupleq + refine + 8 starts": dict(refine_sweeps=3, n_starts=8),
 }
+OFFICIAL_PORT = "official-style port (float64)"
 
 
 def tiny_case(seed: int, n_in: int) -> tuple[np.ndarray, np.ndarray, str]:
@@ -42,13 +43,20 @@ def tiny_case(seed: int, n_in: int) -> tuple[np.ndarray, np.ndarray, str]:
     return W, (H + H.T) / 2, "full rank" if n_samples >= n_in else f"rank {n_samples}"
 
 
-def run_tiny(cases: int, n_in: int) -> None:
+def run_tiny(cases: int, n_in: int, first_seed: int = 0) -> None:
     from validate.exact import global_optimum
 
-    ratios = {k: [] for k in VARIANTS}
-    seconds = {k: 0.0 for k in VARIANTS}
+    try:
+        import torch
+
+        from validate.official_style import official_quantize
+    except ImportError:
+        official_quantize = None
+    names = list(VARIANTS) + ([OFFICIAL_PORT] if official_quantize else [])
+    ratios = {k: [] for k in names}
+    seconds = {k: 0.0 for k in names}
     kinds = []
-    for seed in range(cases):
+    for seed in range(first_seed, first_seed + cases):
         W, H, kind = tiny_case(seed, n_in)
         kinds.append(kind)
         optimum = global_optimum(W, damp_hessian(H, 0.01), bits=2).loss
@@ -57,14 +65,22 @@ def run_tiny(cases: int, n_in: int) -> None:
             res = dq.quantize_layer(W, H, dq.QuantConfig(bits=2, group_size=-1, **over))
             seconds[name] += time.perf_counter() - t0
             ratios[name].append(res.objective / optimum)
+        if official_quantize:
+            t0 = time.perf_counter()
+            r = official_quantize(W, H, bits=2, group_size=-1, dtype=torch.float64)
+            seconds[OFFICIAL_PORT] += time.perf_counter() - t0
+            ratios[OFFICIAL_PORT].append(r["loss_damped"] / optimum)
     kinds = np.array(kinds)
     print(f"tiny exact instances: {cases} seeded rows, in = {n_in}, W2 per-channel, "
           f"{np.sum(kinds == 'full rank')} full-rank H, {np.sum(kinds != 'full rank')} rank-deficient H")
     print(f"{'variant':<32} {'median':>8} {'p90':>8} {'max':>8} {'min':>10} {'at opt.':>8} {'ms/case':>8}")
     for name, r in ratios.items():
         r = np.array(r)
-        print(f"{name:<32} {np.median(r):8.3f} {np.percentile(r, 90):8.3f} {r.max():8.3f} {r.min():10.6f} "
+        print(f"{name[:32]:<32} {np.median(r):8.3f} {np.percentile(r, 90):8.3f} {r.max():8.3f} {r.min():10.6f} "
               f"{np.mean(r < 1 + 1e-9):8.0%} {1e3 * seconds[name] / cases:8.1f}")
+        for kind in ("full rank", "rank-deficient"):
+            sel = r[kinds == "full rank"] if kind == "full rank" else r[kinds != "full rank"]
+            print(f"    {kind:<28} {np.median(sel):8.3f} {np.percentile(sel, 90):8.3f} {sel.max():8.3f}")
 
 
 def run_real(layers_dir: str, configs: list[tuple[int, int]]) -> None:
@@ -102,12 +118,13 @@ def main() -> None:
     t = sub.add_parser("tiny")
     t.add_argument("--cases", type=int, default=200)
     t.add_argument("--in", dest="n_in", type=int, default=8)
+    t.add_argument("--first-seed", type=int, default=0, help="seeds first_seed .. first_seed + cases − 1")
     r = sub.add_parser("real")
     r.add_argument("--layers-dir", default=os.path.join(os.path.dirname(__file__), "..", ".cache", "smollm2_layers"))
     r.add_argument("--configs", default="2:-1,2:64", help="bits:group_size pairs")
     a = ap.parse_args()
     if a.which == "tiny":
-        run_tiny(a.cases, a.n_in)
+        run_tiny(a.cases, a.n_in, a.first_seed)
     else:
         run_real(a.layers_dir, [tuple(map(int, c.split(":"))) for c in a.configs.split(",")])
 

@@ -55,8 +55,11 @@ class Run:
         return float(better.mean())
 
 
-def alternate(W: np.ndarray, Hd: np.ndarray, scale: np.ndarray, zero: np.ndarray, cfg: QuantConfig) -> Run:
-    """The method's whole path from an initial (s, z): RTN, then the steps ``cfg.method`` asks for."""
+def alternate(W: np.ndarray, Hd: np.ndarray, scale: np.ndarray, zero: np.ndarray, cfg: QuantConfig,
+              refit_first: bool = True) -> Run:
+    """The method's whole path from an initial (s, z): RTN, then the steps ``cfg.method`` asks for.
+
+    ``refit_first``: decoupleq's float step before the first integer step (the official start)."""
     b = cfg.bits
     q = quantize_rtn(W, scale, zero, b)
     run = Run(q, scale.copy(), zero.copy(), row_losses(W, dequantize_parts(q, scale, zero), Hd))
@@ -70,7 +73,7 @@ def alternate(W: np.ndarray, Hd: np.ndarray, scale: np.ndarray, zero: np.ndarray
         return propose(name, run.q, s_new, z_new)
 
     rounds = {"rtn": 0, "gptq": 1, "decoupleq": cfg.iters}[cfg.method]
-    if cfg.method == "decoupleq":
+    if cfg.method == "decoupleq" and refit_first:
         # The official solver's first GPTQ grid is the least-squares (s, z) of the grid-searched RTN
         # codes, not the grid-searched (s, z) itself: on real layers this start is worth 1-6 %.
         float_step("float[init]")
@@ -116,7 +119,9 @@ def quantize_layer(W: np.ndarray, H: np.ndarray, cfg: QuantConfig | None = None)
     if cfg.n_starts > 1 and cfg.method != "rtn":
         for k, (s0, z0) in enumerate(placement_starts(W, Hd, cfg.bits, cfg.group_size, cfg.symmetric,
                                                       cfg.n_starts - 1), start=1):
-            other = alternate(W, Hd, s0, z0, cfg)
+            # Extra starts run GPTQ on the placement grid itself: placements are scored with their
+            # refit already (placement_starts), and skipping it keeps the starts diverse.
+            other = alternate(W, Hd, s0, z0, cfg, refit_first=False)
             run.offer(f"start[{k}]", other.q, other.scale, other.zero, other.obj)
 
     row_loss = row_losses(W, dequantize_parts(run.q, run.scale, run.zero), H)
