@@ -50,7 +50,8 @@ def quantize_layer_cmd(
     bits: int = typer.Option(2, min=1, max=8, help="integer bits"),
     group_size: int = typer.Option(64, help="columns per (scale, zero) group; -1 = per-channel"),
     iters: int = typer.Option(4, min=0, help="decoupleq alternations"),
-    methods: str = typer.Option(",".join(METHODS), help="comma-separated methods to compare"),
+    methods: str = typer.Option(",".join(METHODS), help="comma-separated methods to compare; "
+                                "'improved' = decoupleq with QuantConfig.improved() (refinement + 8 starts)"),
     out: int = typer.Option(256, min=1, help="synthetic layer: output channels"),
     n_in: int = typer.Option(512, "--in", min=1, help="synthetic layer: input channels"),
     seed: int = typer.Option(0, help="synthetic layer seed"),
@@ -65,9 +66,10 @@ def quantize_layer_cmd(
         W, H = load_layer_file(layer)
         source = str(layer)
     chosen = [m.strip() for m in methods.split(",") if m.strip()]
-    bad = [m for m in chosen if m not in METHODS]
+    bad = [m for m in chosen if m not in METHODS + ("improved",)]
     if bad:
-        raise typer.BadParameter(f"unknown method(s) {bad}; choose from {METHODS}", param_hint="--methods")
+        raise typer.BadParameter(f"unknown method(s) {bad}; choose from {METHODS + ('improved',)}",
+                                 param_hint="--methods")
     try:
         solve = get_solver(backend)
     except ValueError as e:
@@ -75,7 +77,8 @@ def quantize_layer_cmd(
     rows = []
     for m in chosen:
         try:
-            cfg = QuantConfig(bits=bits, group_size=group_size, method=m, iters=iters)
+            cfg = (QuantConfig.improved(bits=bits, group_size=group_size, iters=iters) if m == "improved"
+                   else QuantConfig(bits=bits, group_size=group_size, method=m, iters=iters))
             t0 = time.perf_counter()
             res = solve(W, H, cfg)
         except ValueError as e:

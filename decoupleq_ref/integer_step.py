@@ -70,6 +70,14 @@ def inverse_cholesky_upper(H: np.ndarray, damp: float) -> np.ndarray:
     raise np.linalg.LinAlgError("H: not positive definite even after damping by 100·mean(diag H)")
 
 
+def gptq_factor(H: np.ndarray, act_order: bool, damp: float) -> tuple[np.ndarray, np.ndarray]:
+    """(perm, U): GPTQ's column order and the inverse Cholesky factor of H permuted by it.
+
+    Depends on H only, so a solve computes it once and reuses it in every integer step."""
+    perm = act_order_perm(H, act_order)
+    return perm, inverse_cholesky_upper(H[np.ix_(perm, perm)], damp)
+
+
 def gptq_round(
     W: np.ndarray,
     scale_e: np.ndarray,
@@ -79,16 +87,17 @@ def gptq_round(
     act_order: bool,
     block_size: int,
     damp: float,
+    factor: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> np.ndarray:
     """GPTQ sequential rounding with lazy block updates; returns q (out, in), float-valued.
 
     For each column j (in act-order): q_j = clamp(round((w_j − z_j)/s_j)),
     e_j = (w_j − ŵ_j) / U_jj, and w_k −= e_j U_jk for the later columns k. Within a block the
     update touches only the block; the rest of the matrix is updated once per block.
+    ``factor``: (perm, U) from ``gptq_factor`` when the caller rounds many times on one H.
     """
     maxq = (1 << bits) - 1
-    perm = act_order_perm(H, act_order)
-    U = inverse_cholesky_upper(H[np.ix_(perm, perm)], damp)
+    perm, U = factor if factor is not None else gptq_factor(H, act_order, damp)
     Wp = W[:, perm].copy()
     s, z = scale_e[:, perm], zero_e[:, perm]
     n = Wp.shape[1]
@@ -121,9 +130,10 @@ def integer_step(
     damp: float,
     relax_iters: int,
     relax_lr: float,
+    factor: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> np.ndarray:
     """Integer step for all rows: optional box relaxation, then GPTQ rounding of its result."""
     n_in = W.shape[1]
     s_e, z_e = expand_groups(scale, n_in), expand_groups(zero, n_in)
     start = relax_box(W, s_e, z_e, H, bits, relax_iters, relax_lr) if relax_iters > 0 else W
-    return gptq_round(start, s_e, z_e, H, bits, act_order, block_size, damp)
+    return gptq_round(start, s_e, z_e, H, bits, act_order, block_size, damp, factor)

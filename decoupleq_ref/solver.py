@@ -22,7 +22,7 @@ from .config import QuantConfig
 from .float_step import closed_form_scale_zero
 from .format import QuantResult, dequantize_parts
 from .init import init_scale_zero, placement_starts, quantize_rtn
-from .integer_step import integer_step
+from .integer_step import gptq_factor, integer_step
 from .objective import damp_hessian, row_losses
 from .refine import refine_integers, refine_profiled
 
@@ -56,10 +56,11 @@ class Run:
 
 
 def alternate(W: np.ndarray, Hd: np.ndarray, scale: np.ndarray, zero: np.ndarray, cfg: QuantConfig,
-              refit_first: bool = True) -> Run:
+              refit_first: bool = True, factor: tuple[np.ndarray, np.ndarray] | None = None) -> Run:
     """The method's whole path from an initial (s, z): RTN, then the steps ``cfg.method`` asks for.
 
-    ``refit_first``: decoupleq's float step before the first integer step (the official start)."""
+    ``refit_first``: decoupleq's float step before the first integer step (the official start).
+    ``factor``: GPTQ's (perm, U) for Hd (``gptq_factor``), computed here if not given."""
     b = cfg.bits
     q = quantize_rtn(W, scale, zero, b)
     run = Run(q, scale.copy(), zero.copy(), row_losses(W, dequantize_parts(q, scale, zero), Hd))
@@ -73,13 +74,15 @@ def alternate(W: np.ndarray, Hd: np.ndarray, scale: np.ndarray, zero: np.ndarray
         return propose(name, run.q, s_new, z_new)
 
     rounds = {"rtn": 0, "gptq": 1, "decoupleq": cfg.iters}[cfg.method]
+    if rounds and factor is None:
+        factor = gptq_factor(Hd, cfg.act_order, cfg.damp)
     if cfg.method == "decoupleq" and refit_first:
         # The official solver's first GPTQ grid is the least-squares (s, z) of the grid-searched RTN
         # codes, not the grid-searched (s, z) itself: on real layers this start is worth 1-6 %.
         float_step("float[init]")
     for it in range(rounds):
         q_new = integer_step(W, run.scale, run.zero, Hd, b, cfg.act_order, cfg.block_size, cfg.damp,
-                             cfg.relax_iters, cfg.relax_lr)
+                             cfg.relax_iters, cfg.relax_lr, factor)
         rate = propose(f"integer[{it}]", q_new, run.scale, run.zero)
         if cfg.method == "gptq" or (it > 0 and rate < cfg.min_improvement):
             break
@@ -115,13 +118,14 @@ def quantize_layer(W: np.ndarray, H: np.ndarray, cfg: QuantConfig | None = None)
     W, H = check_layer(W, H, cfg.group_size)
     Hd = damp_hessian(H, cfg.damp)
     scale, zero, _ = init_scale_zero(W, Hd, cfg.bits, cfg.group_size, cfg.symmetric, cfg.grid, cfg.max_shrink)
-    run = alternate(W, Hd, scale, zero, cfg)
+    factor = gptq_factor(Hd, cfg.act_order, cfg.damp) if cfg.method != "rtn" else None
+    run = alternate(W, Hd, scale, zero, cfg, factor=factor)
     if cfg.n_starts > 1 and cfg.method != "rtn":
         for k, (s0, z0) in enumerate(placement_starts(W, Hd, cfg.bits, cfg.group_size, cfg.symmetric,
                                                       cfg.n_starts - 1), start=1):
             # Extra starts run GPTQ on the placement grid itself: placements are scored with their
             # refit already (placement_starts), and skipping it keeps the starts diverse.
-            other = alternate(W, Hd, s0, z0, cfg, refit_first=False)
+            other = alternate(W, Hd, s0, z0, cfg, refit_first=False, factor=factor)
             run.offer(f"start[{k}]", other.q, other.scale, other.zero, other.obj)
 
     row_loss = row_losses(W, dequantize_parts(run.q, run.scale, run.zero), H)
