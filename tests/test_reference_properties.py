@@ -51,16 +51,13 @@ def test_history_never_increases_and_ends_at_objective(layer, cfg):
 @FAST
 @given(layers(), st.sampled_from([1, 2, 3, 4]), st.booleans())
 def test_methods_are_ordered_on_the_same_init(layer, bits, symmetric):
-    """gptq ≤ rtn and decoupleq ≤ rtn: both extend rtn's path and keep only improvements.
-
-    decoupleq ≤ gptq is not a per-layer guarantee: decoupleq's first GPTQ runs on the refitted grid
-    (as the official solver does), gptq on the searched one. bench/bench_real_layers.py checks it
-    on real layers instead."""
+    """decoupleq ≤ gptq ≤ rtn in the objective, row by row: gptq extends rtn's path, and decoupleq
+    is offered the gptq result on the same init after its alternation."""
     W, H, gs = layer
     base = dq.QuantConfig(bits=bits, group_size=gs, symmetric=symmetric, grid=20, iters=2)
     obj = {m: dq.quantize_layer(W, H, dataclasses.replace(base, method=m)).objective for m in dq.METHODS}
     tol = 1e-12 * max(1.0, obj["rtn"])
-    assert obj["decoupleq"] <= obj["rtn"] + tol
+    assert obj["decoupleq"] <= obj["gptq"] + tol
     assert obj["gptq"] <= obj["rtn"] + tol
 
 
