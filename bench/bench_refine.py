@@ -83,24 +83,24 @@ def run_tiny(cases: int, n_in: int, first_seed: int = 0) -> None:
             print(f"    {kind:<28} {np.median(sel):8.3f} {np.percentile(sel, 90):8.3f} {sel.max():8.3f}")
 
 
-def run_real(layers_dir: str, configs: list[tuple[int, int]]) -> None:
+def run_real(layers_dir: str, configs: list[tuple[int, int]], variants: list[str] | None = None) -> None:
     files = sorted(glob.glob(os.path.join(layers_dir, "*.npz")))
     if not files:
         raise SystemExit(f"--layers-dir: no .npz layers in {layers_dir}; run bench/capture_smollm2_layers.py")
     base_name = "decoupleq (official settings)"
     for bits, gs in configs:
         print(f"\nW{bits} group_size={gs}: objective ratio to {base_name} (same damped H), seconds per layer")
-        names = [n for n in VARIANTS if n != base_name]
+        names = [n for n in VARIANTS if n != base_name and (not variants or n in variants)]
         print(f"{'layer':<20} {'official obj':>13} " + " ".join(f"{n[:24]:>26}" for n in names))
         ratios = {n: [] for n in names}
-        secs = {n: 0.0 for n in VARIANTS}
+        secs = {n: 0.0 for n in [base_name] + names}
         for f in files:
             with np.load(f) as d:
                 W, H = d["W"], d["H"]
             objs = {}
-            for name, over in VARIANTS.items():
+            for name in [base_name] + names:
                 t0 = time.perf_counter()
-                objs[name] = dq.quantize_layer(W, H, dq.QuantConfig(bits=bits, group_size=gs, **over)).objective
+                objs[name] = dq.quantize_layer(W, H, dq.QuantConfig(bits=bits, group_size=gs, **VARIANTS[name])).objective
                 secs[name] += time.perf_counter() - t0
             cells = []
             for n in names:
@@ -109,7 +109,7 @@ def run_real(layers_dir: str, configs: list[tuple[int, int]]) -> None:
             print(f"{os.path.basename(f)[:-4]:<20} {objs[base_name]:13.5g} " + " ".join(cells), flush=True)
         print(f"{'mean ratio':<34} " + " ".join(f"{np.mean(ratios[n]):26.4f}" for n in names))
         print(f"{'worst ratio':<34} " + " ".join(f"{np.max(ratios[n]):26.4f}" for n in names))
-        print("seconds per layer: " + ", ".join(f"{n}: {secs[n] / len(files):.1f}" for n in VARIANTS))
+        print("seconds per layer: " + ", ".join(f"{n}: {secs[n] / len(files):.1f}" for n in secs))
 
 
 def main() -> None:
@@ -122,11 +122,16 @@ def main() -> None:
     r = sub.add_parser("real")
     r.add_argument("--layers-dir", default=os.path.join(os.path.dirname(__file__), "..", ".cache", "smollm2_layers"))
     r.add_argument("--configs", default="2:-1,2:64", help="bits:group_size pairs")
+    r.add_argument("--variants", default="", help="comma-separated variant names to run (default: all)")
     a = ap.parse_args()
     if a.which == "tiny":
         run_tiny(a.cases, a.n_in, a.first_seed)
     else:
-        run_real(a.layers_dir, [tuple(map(int, c.split(":"))) for c in a.configs.split(",")])
+        chosen = [v.strip() for v in a.variants.split(",") if v.strip()]
+        unknown = [v for v in chosen if v not in VARIANTS]
+        if unknown:
+            raise SystemExit(f"--variants: unknown {unknown}; choose from {list(VARIANTS)}")
+        run_real(a.layers_dir, [tuple(map(int, c.split(":"))) for c in a.configs.split(",")], chosen)
 
 
 if __name__ == "__main__":

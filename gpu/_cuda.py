@@ -32,7 +32,10 @@ def simulator() -> bool:
     """True when numba runs kernels in its Python CUDA simulator (NUMBA_ENABLE_CUDASIM=1)."""
     if not HAVE_NUMBA_CUDA:
         return False
-    from numba.cuda.core import config
+    try:  # numba-cuda keeps its own config module; numba's built-in cuda uses numba.core's
+        from numba.cuda.core import config
+    except ImportError:
+        from numba.core import config
 
     return bool(config.ENABLE_CUDASIM) or os.environ.get("NUMBA_ENABLE_CUDASIM", "0") not in ("", "0")
 
