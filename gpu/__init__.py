@@ -16,7 +16,9 @@ from .init import init_scale_zero
 from .integer_step import gptq_round, relax_box
 from .matmul import DevicePackedLayer, packed_matmul
 from .objective import row_losses
+from .refine import refine_integers, refine_profiled
 from .solver import quantize_layer
 
 __all__ = ["DevicePackedLayer", "available", "can_run", "closed_form_scale_zero", "gptq_round", "init_scale_zero",
-           "packed_matmul", "quantize_layer", "relax_box", "row_losses", "simulator"]
+           "packed_matmul", "quantize_layer", "refine_integers", "refine_profiled", "relax_box", "row_losses",
+           "simulator"]

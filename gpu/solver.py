@@ -24,8 +24,9 @@ from ._cuda import blocks, cuda, jit, require
 from .float_step import FloatStepData, float_step_on_device
 from .init import init_on_device, rtn_codes
 from .integer_step import GptqFactor, integer_step_on_device
-from .linalg import launch_2d, sum_and_count
+from .linalg import launch_2d, sum_and_count, transpose
 from .objective import layer_row_losses
+from .refine import refine_integers_on_device, refine_profiled_on_device
 
 
 @jit
@@ -87,6 +88,14 @@ class LayerOnDevice:
         self.dHd = cuda.to_device(Hd)
         self.float_data = FloatStepData(W, Hd, self.dW, self.dHd, cfg.group_size)
         self.factor = GptqFactor(Hd, cfg.act_order, cfg.damp) if cfg.method != "rtn" else None
+        self._profile = None
+
+    def profile_constants(self):
+        """(W·H_d)ᵀ, H_d·1 on the device and 1ᵀH_d1: refine_profiled's per-layer constants."""
+        if self._profile is None:
+            h1 = self.Hd.sum(axis=1)
+            self._profile = (transpose(self.float_data.L), cuda.to_device(h1), float(h1.sum()))
+        return self._profile
 
     def objective(self, q, scale, zero):
         return layer_row_losses(self.dW, q, scale, zero, self.dHd)
@@ -131,6 +140,23 @@ def alternate(layer: LayerOnDevice, scale: np.ndarray, zero: np.ndarray, refit_f
             break
     if gptq_on_init is not None:
         propose("gptq[init]", *gptq_on_init)
+
+    # Polish, as the reference: exact ±1 descent (profiled per-channel, fixed (s, z) with groups),
+    # then the exact float step, until no code moves.
+    if cfg.method == "decoupleq" and cfg.refine_sweeps:
+        for r in range(cfg.refine_rounds):
+            if cfg.group_size == -1:
+                q_new, moves = refine_profiled_on_device(layer.dW, run.q, layer.dHd, *layer.profile_constants(), b,
+                                                         cfg.symmetric, cfg.refine_sweeps)
+                s_new, z_new = float_step_on_device(layer.float_data, q_new, run.scale, b, -1, cfg.symmetric)
+                propose(f"refine[{r}]", q_new, s_new, z_new)
+            else:
+                q_new, moves = refine_integers_on_device(layer.dW, run.q, run.scale, run.zero, layer.dHd, b,
+                                                         cfg.refine_sweeps)
+                propose(f"refine[{r}]", q_new, run.scale, run.zero)
+                float_step(f"refit[{r}]")
+            if moves == 0:
+                break
     return run
 
 
@@ -138,13 +164,9 @@ def quantize_layer(W: np.ndarray, H: np.ndarray, cfg: QuantConfig | None = None)
     """Quantize one linear layer W (out, in) under the H-weighted loss on the GPU.
 
     Same contract and result as decoupleq_ref.quantize_layer (float64 throughout, so the codes
-    agree with the reference's up to rounding-level ties). ``refine_sweeps > 0`` is not available
-    on this backend yet (ValueError)."""
+    agree with the reference's up to rounding-level ties), the polish (``refine_sweeps``) included."""
     require()
     cfg = cfg or QuantConfig()
-    if cfg.refine_sweeps and cfg.method == "decoupleq":
-        raise ValueError("QuantConfig.refine_sweeps: the cuda backend has no refinement kernel yet; "
-                         "use refine_sweeps=0, or --backend numpy/numba for the polished solve")
     W, H = check_layer(W, H, cfg.group_size)
     Hd = damp_hessian(H, cfg.damp)
     layer = LayerOnDevice(W, Hd, cfg)

@@ -139,7 +139,11 @@ def assert_same_result(res, ref):
     dq.QuantConfig(group_size=-1, grid=10, method="gptq", symmetric=True, act_order=False),
     dq.QuantConfig(group_size=-1, grid=10, iters=1, n_starts=2, lower_bound=True),
     dq.QuantConfig(bits=3, group_size=8, grid=0, method="rtn"),
-], ids=["decoupleq-g8", "gptq-sym", "starts-bound", "rtn-3bit"])
+    dq.QuantConfig(group_size=8, grid=10, iters=2, refine_sweeps=2),
+    dq.QuantConfig(group_size=-1, grid=10, iters=1, refine_sweeps=3),
+    dq.QuantConfig(group_size=-1, grid=10, iters=1, refine_sweeps=3, symmetric=True),
+], ids=["decoupleq-g8", "gptq-sym", "starts-bound", "rtn-3bit", "refine-g8", "refine-profiled",
+        "refine-profiled-sym"])
 def test_quantize_layer_matches_reference(cfg):
     W, H = dq.synthetic_layer(12, 24, n_tokens=96, seed=7)
     res, ref = gpu.quantize_layer(W, H, cfg), dq.quantize_layer(W, H, cfg)
@@ -163,12 +167,34 @@ def test_quantize_layer_is_deterministic():
     assert np.array_equal(a.q, b.q) and np.array_equal(a.scale, b.scale) and a.loss_history == b.loss_history
 
 
-def test_quantize_layer_rejects_bad_input_and_refinement():
+def test_quantize_layer_rejects_bad_input():
     W, H = dq.synthetic_layer(4, 8, n_tokens=32)
     with pytest.raises(ValueError, match="^H: must be square"):
         gpu.quantize_layer(W, H[:, :4])
-    with pytest.raises(ValueError, match="^QuantConfig.refine_sweeps"):
-        gpu.quantize_layer(W, H, dq.QuantConfig(refine_sweeps=2))
+
+
+@pytest.mark.parametrize("gs,bits", [(8, 2), (-1, 3)])
+def test_refine_integers_same_moves(gs, bits):
+    from decoupleq_ref.refine import refine_integers
+
+    W, H = dq.synthetic_layer(10, 16, n_tokens=24, seed=3)   # rank-deficient H: many moves
+    start = dq.quantize_layer(W, H, dq.QuantConfig(bits=bits, group_size=gs, method="rtn", grid=0))
+    q_ref, moves_ref = refine_integers(start.q, W, start.scale, start.zero, H, bits, 4)
+    q_gpu, moves_gpu = gpu.refine_integers(start.q, W, start.scale, start.zero, H, bits, 4)
+    assert moves_ref > 0 and moves_gpu == moves_ref
+    assert np.mean(q_gpu == q_ref) >= CODES_AGREE
+
+
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_refine_profiled_same_moves(symmetric):
+    from decoupleq_ref.refine import refine_profiled
+
+    W, H = dq.synthetic_layer(10, 16, n_tokens=24, seed=4)
+    start = dq.quantize_layer(W, H, dq.QuantConfig(group_size=-1, method="rtn", grid=0, symmetric=symmetric))
+    q_ref, moves_ref = refine_profiled(start.q, W, H, 2, symmetric, 4)
+    q_gpu, moves_gpu = gpu.refine_profiled(start.q, W, H, 2, symmetric, 4)
+    assert moves_ref > 0 and moves_gpu == moves_ref
+    assert np.mean(q_gpu == q_ref) >= CODES_AGREE
 
 
 def packed_layer(rng, out, n, gs, bits):
