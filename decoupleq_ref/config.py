@@ -13,6 +13,8 @@ from typing import Any, Literal
 
 Method = Literal["rtn", "gptq", "decoupleq"]
 METHODS: tuple[str, ...] = ("rtn", "gptq", "decoupleq")
+#: How the high-precision branch picks its input channels (decoupleq_ref/hp_branch.py).
+HP_SELECT: tuple[str, ...] = ("hessian", "obs", "magnitude", "error")
 
 #: This project's improved solver (issue 7): polish + 8 grid placements. On tiny exact cases the
 #: loss lands at the global optimum in >80 % of rows (p90 1.21×), on SmolLM2 layers about 0.85×
@@ -46,6 +48,10 @@ class QuantConfig:
     block_size    GPTQ lazy-update block width (changes speed only, not the result)
     min_improvement  stop when fewer than this fraction of rows improved in a half-step
     seed          seed for every random choice (none at the defaults; kept for API stability)
+    hp_channels   k input channels kept in an fp16 branch B solved jointly with the quantized
+                  part (Ŵ = s·q + z + B, B non-zero on k columns); 0 = off (hp_branch.py)
+    hp_select     how those channels are chosen: "hessian" (diag(H)·‖W_col‖²), "obs"
+                  (‖W_col‖² / [H⁻¹]_jj), "magnitude" (‖W_col‖²) or "error" (RTN residual)
     """
 
     bits: int = 2
@@ -66,6 +72,8 @@ class QuantConfig:
     block_size: int = 128
     min_improvement: float = 1e-4
     seed: int = 0
+    hp_channels: int = 0
+    hp_select: str = "hessian"
 
     def __post_init__(self) -> None:
         def need(ok: bool, name: str, msg: str) -> None:
@@ -97,6 +105,12 @@ class QuantConfig:
              f"must be a positive integer, got {self.block_size!r}")
         need(0 <= self.min_improvement <= 1, "min_improvement",
              f"must be in [0, 1], got {self.min_improvement!r}")
+        need(isinstance(self.hp_channels, int) and not isinstance(self.hp_channels, bool)
+             and self.hp_channels >= 0, "hp_channels",
+             f"must be a non-negative integer (0 = no fp16 branch), got {self.hp_channels!r}")
+        need(self.hp_select in HP_SELECT, "hp_select", f"must be one of {HP_SELECT}, got {self.hp_select!r}")
+        need(not (self.hp_channels and self.lower_bound), "lower_bound",
+             "the certified bound does not cover the fp16 branch; set lower_bound=False or hp_channels=0")
 
     @property
     def maxq(self) -> int:

@@ -34,6 +34,18 @@ def dequantize_parts(q: np.ndarray, scale: np.ndarray, zero: np.ndarray) -> np.n
     return expand_groups(scale, n_in) * q + expand_groups(zero, n_in)
 
 
+def bits_per_weight(out: int, n_in: int, bits: int, group_size: int, symmetric: bool = False,
+                    hp_channels: int = 0) -> float:
+    """Storage per weight: (out·in·b + out·G·16·(1 + asym) + out·k·16 + k·32) / (out·in).
+
+    Scales (and zeros, when asymmetric; symmetric zeros follow from the scale) count as fp16,
+    the branch as an fp16 (out, k) block plus k int32 column indices (docs/FORMAT.md).
+    """
+    G = n_groups(n_in, group_size)
+    total = out * n_in * bits + out * G * 16 * (1 if symmetric else 2) + out * hp_channels * 16 + hp_channels * 32
+    return total / (out * n_in)
+
+
 @dataclass
 class QuantResult:
     """Outcome of one layer solve, in the spirit of scipy.optimize.OptimizeResult.
@@ -49,6 +61,8 @@ class QuantResult:
     config        the QuantConfig used
     lower_bound   with config.lower_bound: certified lower bound of the optimal objective
                   (decoupleq_ref/bounds.py), so objective / lower_bound bounds the optimality gap
+    hp_index      with config.hp_channels = k: int64 (k,) ascending columns of the fp16 branch
+    hp_weight     float64 (out, k) branch block B; Ŵ = s·q + z, plus B on the columns hp_index
     """
 
     q: np.ndarray
@@ -63,6 +77,8 @@ class QuantResult:
     config: QuantConfig
     lower_bound: float | None = None
     info: dict[str, Any] = field(default_factory=dict)
+    hp_index: np.ndarray | None = None
+    hp_weight: np.ndarray | None = None
 
     @property
     def gap_bound(self) -> float | None:
@@ -79,8 +95,22 @@ class QuantResult:
     def group_size(self) -> int:
         return effective_group_size(self.q.shape[1], self.config.group_size)
 
+    @property
+    def hp_channels(self) -> int:
+        return 0 if self.hp_index is None else len(self.hp_index)
+
+    @property
+    def bits_per_weight(self) -> float:
+        """Effective storage per weight including scales, zeros and the fp16 branch."""
+        out, n_in = self.q.shape
+        return bits_per_weight(out, n_in, self.bits, self.config.group_size, self.config.symmetric,
+                               self.hp_channels)
+
     def dequantize(self) -> np.ndarray:
-        return dequantize_parts(self.q, self.scale, self.zero)
+        W_hat = dequantize_parts(self.q, self.scale, self.zero)
+        if self.hp_channels:
+            W_hat[:, self.hp_index] += self.hp_weight
+        return W_hat
 
     def __repr__(self) -> str:  # short: arrays are large
         out, n_in = self.q.shape

@@ -21,6 +21,7 @@ from .checks import check_layer
 from .config import QuantConfig
 from .float_step import closed_form_scale_zero
 from .format import QuantResult, dequantize_parts
+from .hp_branch import Branch, add_branch, branch_weight
 from .init import init_scale_zero, placement_starts, quantize_rtn
 from .integer_step import gptq_factor, integer_step
 from .objective import damp_hessian, row_losses
@@ -120,11 +121,20 @@ def quantize_layer(W: np.ndarray, H: np.ndarray, cfg: QuantConfig | None = None)
     """Quantize one linear layer W (out, in) under the H-weighted loss; H (in, in) is XᵀX/N.
 
     Returns a QuantResult with q (uint8), scale and zero (out, n_groups), the loss on H, and the
-    objective history on the damped H. Raises ValueError for malformed input (see checks.py).
+    objective history on the damped H. With ``cfg.hp_channels = k`` also the fp16 branch
+    (hp_index, hp_weight); the history is then that of the quantized part on the Schur-complement
+    Hessian (hp_branch.py) and ``objective`` the joint one, history[-1] − λ‖Q_S − W_S‖².
+    Raises ValueError for malformed input (see checks.py).
     """
     cfg = cfg or QuantConfig()
     W, H = check_layer(W, H, cfg.group_size)
-    Hd = damp_hessian(H, cfg.damp)
+    H_obj = Hd = damp_hessian(H, cfg.damp)
+    branch = None
+    if cfg.hp_channels:
+        # The fp16 branch's columns are free: the quantized part is solved on the Schur-complement
+        # Hessian (hp_branch.py), and B is its closed-form completion afterwards.
+        branch = Branch.prepare(W, H, H_obj, cfg.hp_channels, cfg.hp_select, cfg.bits, cfg.group_size)
+        Hd = branch.hessian
     scale, zero, _ = init_scale_zero(W, Hd, cfg.bits, cfg.group_size, cfg.symmetric, cfg.grid, cfg.max_shrink)
     factor = gptq_factor(Hd, cfg.act_order, cfg.damp) if cfg.method != "rtn" else None
     run = alternate(W, Hd, scale, zero, cfg, factor=factor)
@@ -136,17 +146,26 @@ def quantize_layer(W: np.ndarray, H: np.ndarray, cfg: QuantConfig | None = None)
             other = alternate(W, Hd, s0, z0, cfg, refit_first=False, factor=factor)
             run.offer(f"start[{k}]", other.q, other.scale, other.zero, other.obj)
 
-    row_loss = row_losses(W, dequantize_parts(run.q, run.scale, run.zero), H)
+    W_hat = dequantize_parts(run.q, run.scale, run.zero)
+    objective = float(run.obj.sum())
+    hp_index = hp_weight = None
+    if branch is not None:
+        hp_index, hp_weight = branch.index, branch_weight(W, W_hat, H_obj, branch.index)
+        W_hat = add_branch(W_hat, hp_index, hp_weight)
+        objective = float(row_losses(W, W_hat, H_obj).sum())
+    row_loss = row_losses(W, W_hat, H)
     return QuantResult(
         q=run.q.astype(np.uint8),
         scale=run.scale,
         zero=run.zero,
         loss=float(row_loss.sum()),
         row_loss=row_loss,
-        objective=float(run.obj.sum()),
+        objective=objective,
         loss_history=run.history,
         history_steps=run.steps,
         improved_rows=run.improved,
         config=cfg,
         lower_bound=float(row_lower_bound(W, Hd, cfg.bits, cfg.group_size).sum()) if cfg.lower_bound else None,
+        hp_index=hp_index,
+        hp_weight=hp_weight,
     )
