@@ -13,6 +13,7 @@ other grid placements and each row keeps its best run.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 
@@ -26,6 +27,31 @@ from .init import init_scale_zero, placement_starts, quantize_rtn
 from .integer_step import gptq_factor, integer_step
 from .objective import damp_hessian, row_losses
 from .refine import refine_integers, refine_profiled
+
+
+def proposal_losses(W: np.ndarray, q: np.ndarray, scale: np.ndarray, zero: np.ndarray, H: np.ndarray) -> np.ndarray:
+    """ℓ_i of the proposal (q, s, z): row_losses(W, s·q + z, H), the objective every step is judged on."""
+    return row_losses(W, dequantize_parts(q, scale, zero), H)
+
+
+@dataclass(frozen=True)
+class SolverOps:
+    """The hot functions of a solve. The orchestration below is written once; a backend
+    (kernels_numba) passes its own same-named kernels, so it follows the same decisions."""
+
+    init_scale_zero: Callable = init_scale_zero
+    placement_starts: Callable = placement_starts
+    quantize_rtn: Callable = quantize_rtn
+    proposal_losses: Callable = proposal_losses
+    row_losses: Callable = row_losses
+    closed_form_scale_zero: Callable = closed_form_scale_zero
+    gptq_factor: Callable = gptq_factor
+    integer_step: Callable = integer_step
+    refine_integers: Callable = refine_integers
+    refine_profiled: Callable = refine_profiled
+
+
+REFERENCE_OPS = SolverOps()
 
 
 def keep_better(best: np.ndarray, proposal: np.ndarray) -> np.ndarray:
@@ -57,28 +83,30 @@ class Run:
 
 
 def alternate(W: np.ndarray, Hd: np.ndarray, scale: np.ndarray, zero: np.ndarray, cfg: QuantConfig,
-              refit_first: bool = True, factor: tuple[np.ndarray, np.ndarray] | None = None) -> Run:
+              refit_first: bool = True, factor: tuple[np.ndarray, np.ndarray] | None = None,
+              ops: SolverOps = REFERENCE_OPS) -> Run:
     """The method's whole path from an initial (s, z): RTN, then the steps ``cfg.method`` asks for.
 
     ``refit_first``: decoupleq's float step before the first integer step (the official start).
-    ``factor``: GPTQ's (perm, U) for Hd (``gptq_factor``), computed here if not given."""
+    ``factor``: GPTQ's (perm, U) for Hd (``gptq_factor``), computed here if not given.
+    ``ops``: the hot functions (``SolverOps``); the reference's own by default."""
     b = cfg.bits
-    q = quantize_rtn(W, scale, zero, b)
-    run = Run(q, scale.copy(), zero.copy(), row_losses(W, dequantize_parts(q, scale, zero), Hd))
+    q = ops.quantize_rtn(W, scale, zero, b)
+    run = Run(q, scale.copy(), zero.copy(), ops.proposal_losses(W, q, scale, zero, Hd))
     run.history, run.steps, run.improved = [float(run.obj.sum())], ["init"], [W.shape[0]]
 
     def propose(name: str, q_new: np.ndarray, s_new: np.ndarray, z_new: np.ndarray) -> float:
-        return run.offer(name, q_new, s_new, z_new, row_losses(W, dequantize_parts(q_new, s_new, z_new), Hd))
+        return run.offer(name, q_new, s_new, z_new, ops.proposal_losses(W, q_new, s_new, z_new, Hd))
 
     def float_step(name: str) -> float:
-        s_new, z_new = closed_form_scale_zero(run.q, W, Hd, b, cfg.group_size, cfg.symmetric, run.scale)
+        s_new, z_new = ops.closed_form_scale_zero(run.q, W, Hd, b, cfg.group_size, cfg.symmetric, run.scale)
         return propose(name, run.q, s_new, z_new)
 
     rounds = {"rtn": 0, "gptq": 1, "decoupleq": cfg.iters}[cfg.method]
     if rounds and factor is None:
-        factor = gptq_factor(Hd, cfg.act_order, cfg.damp)
+        factor = ops.gptq_factor(Hd, cfg.act_order, cfg.damp)
     def integer(s_: np.ndarray, z_: np.ndarray) -> np.ndarray:
-        return integer_step(W, s_, z_, Hd, b, cfg.act_order, cfg.block_size, cfg.damp,
+        return ops.integer_step(W, s_, z_, Hd, b, cfg.act_order, cfg.block_size, cfg.damp,
                             cfg.relax_iters, cfg.relax_lr, factor)
 
     gptq_on_init = None
@@ -105,11 +133,11 @@ def alternate(W: np.ndarray, Hd: np.ndarray, scale: np.ndarray, zero: np.ndarray
     if cfg.method == "decoupleq" and cfg.refine_sweeps:
         for r in range(cfg.refine_rounds):
             if cfg.group_size == -1:
-                q_new, moves = refine_profiled(run.q, W, Hd, b, cfg.symmetric, cfg.refine_sweeps)
-                s_new, z_new = closed_form_scale_zero(q_new, W, Hd, b, -1, cfg.symmetric, run.scale)
+                q_new, moves = ops.refine_profiled(run.q, W, Hd, b, cfg.symmetric, cfg.refine_sweeps)
+                s_new, z_new = ops.closed_form_scale_zero(q_new, W, Hd, b, -1, cfg.symmetric, run.scale)
                 propose(f"refine[{r}]", q_new, s_new, z_new)
             else:
-                q_new, moves = refine_integers(run.q, W, run.scale, run.zero, Hd, b, cfg.refine_sweeps)
+                q_new, moves = ops.refine_integers(run.q, W, run.scale, run.zero, Hd, b, cfg.refine_sweeps)
                 propose(f"refine[{r}]", q_new, run.scale, run.zero)
                 float_step(f"refit[{r}]")
             if moves == 0:
@@ -117,14 +145,15 @@ def alternate(W: np.ndarray, Hd: np.ndarray, scale: np.ndarray, zero: np.ndarray
     return run
 
 
-def quantize_layer(W: np.ndarray, H: np.ndarray, cfg: QuantConfig | None = None) -> QuantResult:
+def quantize_layer(W: np.ndarray, H: np.ndarray, cfg: QuantConfig | None = None,
+                   ops: SolverOps = REFERENCE_OPS) -> QuantResult:
     """Quantize one linear layer W (out, in) under the H-weighted loss; H (in, in) is XᵀX/N.
 
     Returns a QuantResult with q (uint8), scale and zero (out, n_groups), the loss on H, and the
     objective history on the damped H. With ``cfg.hp_channels = k`` also the fp16 branch
     (hp_index, hp_weight); the history is then that of the quantized part on the Schur-complement
     Hessian (hp_branch.py) and ``objective`` the joint one, history[-1] − λ‖Q_S − W_S‖².
-    Raises ValueError for malformed input (see checks.py).
+    Raises ValueError for malformed input (see checks.py). ``ops``: see ``SolverOps``.
     """
     cfg = cfg or QuantConfig()
     W, H = check_layer(W, H, cfg.group_size)
@@ -135,15 +164,15 @@ def quantize_layer(W: np.ndarray, H: np.ndarray, cfg: QuantConfig | None = None)
         # Hessian (hp_branch.py), and B is its closed-form completion afterwards.
         branch = Branch.prepare(W, H, H_obj, cfg.hp_channels, cfg.hp_select, cfg.bits, cfg.group_size)
         Hd = branch.hessian
-    scale, zero, _ = init_scale_zero(W, Hd, cfg.bits, cfg.group_size, cfg.symmetric, cfg.grid, cfg.max_shrink)
-    factor = gptq_factor(Hd, cfg.act_order, cfg.damp) if cfg.method != "rtn" else None
-    run = alternate(W, Hd, scale, zero, cfg, factor=factor)
+    scale, zero, _ = ops.init_scale_zero(W, Hd, cfg.bits, cfg.group_size, cfg.symmetric, cfg.grid, cfg.max_shrink)
+    factor = ops.gptq_factor(Hd, cfg.act_order, cfg.damp) if cfg.method != "rtn" else None
+    run = alternate(W, Hd, scale, zero, cfg, factor=factor, ops=ops)
     if cfg.n_starts > 1 and cfg.method != "rtn":
-        for k, (s0, z0) in enumerate(placement_starts(W, Hd, cfg.bits, cfg.group_size, cfg.symmetric,
+        for k, (s0, z0) in enumerate(ops.placement_starts(W, Hd, cfg.bits, cfg.group_size, cfg.symmetric,
                                                       cfg.n_starts - 1), start=1):
             # Extra starts run GPTQ on the placement grid itself: placements are scored with their
             # refit already (placement_starts), and skipping it keeps the starts diverse.
-            other = alternate(W, Hd, s0, z0, cfg, refit_first=False, factor=factor)
+            other = alternate(W, Hd, s0, z0, cfg, refit_first=False, factor=factor, ops=ops)
             run.offer(f"start[{k}]", other.q, other.scale, other.zero, other.obj)
 
     W_hat = dequantize_parts(run.q, run.scale, run.zero)
@@ -152,8 +181,8 @@ def quantize_layer(W: np.ndarray, H: np.ndarray, cfg: QuantConfig | None = None)
     if branch is not None:
         hp_index, hp_weight = branch.index, branch_weight(W, W_hat, H_obj, branch.index)
         W_hat = add_branch(W_hat, hp_index, hp_weight)
-        objective = float(row_losses(W, W_hat, H_obj).sum())
-    row_loss = row_losses(W, W_hat, H)
+        objective = float(ops.row_losses(W, W_hat, H_obj).sum())
+    row_loss = ops.row_losses(W, W_hat, H)
     return QuantResult(
         q=run.q.astype(np.uint8),
         scale=run.scale,
