@@ -11,6 +11,8 @@ are fp16 or fp32, accumulation is fp32 and y is fp32.
   word contributes s·Σ x·q + z·Σ x, one scale/zero load per word.
 * GEMM (batch > 8): tiles of x and of dequantized Ŵ (fp32) in shared memory, TILE×TILE outputs
   per block.
+* fp16 branch (FORMAT.md, optional): y += x[:, idx] @ Bᵀ by a second small kernel, one thread
+  per output, B (out, k) held as fp32 (exact from fp16).
 """
 
 from __future__ import annotations
@@ -123,8 +125,20 @@ def _gemm_kernel(x, words, scale, zero, bits, gs, y):
         y[b0 + ty, o0 + tx] = acc
 
 
+@jit
+def _branch_kernel(x, idx, B, y):
+    """y[b, o] += Σ_j x[b, idx[j]]·B[o, j]: the fp16 branch's k columns (fp32 accumulation)."""
+    o, b = cuda.grid(2)
+    if b < y.shape[0] and o < y.shape[1]:
+        acc = np.float32(0.0)
+        for j in range(idx.shape[0]):
+            acc += np.float32(x[b, idx[j]]) * B[o, j]
+        y[b, o] += acc
+
+
 class DevicePackedLayer:
-    """A PackedLayer on the device: uint32 words (out, row_bytes/4), fp32 scale and zero."""
+    """A PackedLayer on the device: uint32 words (out, row_bytes/4), fp32 scale and zero, and
+    the fp16 branch (int32 indices, B as fp32) when the layer has one."""
 
     def __init__(self, layer: PackedLayer):
         if not isinstance(layer, PackedLayer):
@@ -139,6 +153,10 @@ class DevicePackedLayer:
         self.words = cuda.to_device(np.ascontiguousarray(layer.packed).view("<u4"))
         self.scale = cuda.to_device(np.ascontiguousarray(layer.scale, np.float32))
         self.zero = cuda.to_device(np.ascontiguousarray(layer.zero, np.float32))
+        self.hp_index = self.hp_weight = None
+        if layer.hp_channels:
+            self.hp_index = cuda.to_device(np.ascontiguousarray(layer.hp_index, np.int32))
+            self.hp_weight = cuda.to_device(np.ascontiguousarray(layer.hp_weight, np.float32))
 
 
 def _check_x(x, n_in: int):
@@ -152,7 +170,8 @@ def _check_x(x, n_in: int):
 
 
 def packed_matmul(x, layer: PackedLayer | DevicePackedLayer):
-    """y = x @ Ŵᵀ (fp32) for x (batch, in) fp16/fp32, a numpy or numba device array.
+    """y = x @ Ŵᵀ (fp32) for x (batch, in) fp16/fp32, a numpy or numba device array; with the
+    fp16 branch, y = x @ (s·q + z)ᵀ + x[:, idx] @ Bᵀ.
 
     A host x gives a host y; a device x gives a device y (what benchmarks time). GEMV kernel for
     batch ≤ 8, tiled GEMM above."""
@@ -168,4 +187,6 @@ def packed_matmul(x, layer: PackedLayer | DevicePackedLayer):
     else:
         _gemm_kernel[(blocks(out, TILE), blocks(batch, TILE)), (TILE, TILE)](dx, dev.words, dev.scale, dev.zero,
                                                                            dev.bits, dev.group_size, y)
+    if dev.hp_index is not None:
+        _branch_kernel[(blocks(out, TILE), blocks(batch, TILE)), (TILE, TILE)](dx, dev.hp_index, dev.hp_weight, y)
     return y.copy_to_host() if on_host else y

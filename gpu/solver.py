@@ -16,9 +16,10 @@ import numpy as np
 from decoupleq_ref.bounds import row_lower_bound
 from decoupleq_ref.checks import check_layer
 from decoupleq_ref.config import QuantConfig
-from decoupleq_ref.format import QuantResult
+from decoupleq_ref.format import QuantResult, dequantize_parts
+from decoupleq_ref.hp_branch import Branch, add_branch, branch_weight
 from decoupleq_ref.init import placement_starts
-from decoupleq_ref.objective import damp_hessian
+from decoupleq_ref.objective import damp_hessian, row_losses
 
 from ._cuda import blocks, cuda, jit, require
 from .float_step import FloatStepData, float_step_on_device
@@ -164,11 +165,18 @@ def quantize_layer(W: np.ndarray, H: np.ndarray, cfg: QuantConfig | None = None)
     """Quantize one linear layer W (out, in) under the H-weighted loss on the GPU.
 
     Same contract and result as decoupleq_ref.quantize_layer (float64 throughout, so the codes
-    agree with the reference's up to rounding-level ties), the polish (``refine_sweeps``) included."""
+    agree with the reference's up to rounding-level ties), the polish (``refine_sweeps``) and the
+    fp16 branch (``hp_channels``) included. The branch's selection, Schur-complement Hessian and
+    closed-form B are the reference's host code (O(out·k·in), once per layer); the device solves
+    the quantized part on that Hessian exactly as without a branch."""
     require()
     cfg = cfg or QuantConfig()
     W, H = check_layer(W, H, cfg.group_size)
-    Hd = damp_hessian(H, cfg.damp)
+    H_obj = Hd = damp_hessian(H, cfg.damp)
+    branch = None
+    if cfg.hp_channels:
+        branch = Branch.prepare(W, H, H_obj, cfg.hp_channels, cfg.hp_select, cfg.bits, cfg.group_size)
+        Hd = branch.hessian
     layer = LayerOnDevice(W, Hd, cfg)
     (scale, zero), _ = init_on_device(layer.dW, layer.dHd, W, cfg.bits, cfg.group_size, cfg.symmetric,
                                       cfg.grid, cfg.max_shrink)
@@ -179,17 +187,29 @@ def quantize_layer(W: np.ndarray, H: np.ndarray, cfg: QuantConfig | None = None)
             other = alternate(layer, s0, z0, refit_first=False)
             run.offer(f"start[{k}]", other.q, other.scale, other.zero, other.obj)
 
-    row_loss = layer_row_losses(layer.dW, run.q, run.scale, run.zero, cuda.to_device(H)).copy_to_host()
+    q, scale, zero = run.q.copy_to_host(), run.scale.copy_to_host(), run.zero.copy_to_host()
+    objective = float(run.obj.copy_to_host().sum())
+    hp_index = hp_weight = None
+    if branch is None:
+        row_loss = layer_row_losses(layer.dW, run.q, run.scale, run.zero, cuda.to_device(H)).copy_to_host()
+    else:
+        W_hat = dequantize_parts(q, scale, zero)
+        hp_index, hp_weight = branch.index, branch_weight(W, W_hat, H_obj, branch.index)
+        W_hat = add_branch(W_hat, hp_index, hp_weight)
+        objective = float(row_losses(W, W_hat, H_obj).sum())
+        row_loss = row_losses(W, W_hat, H)
     return QuantResult(
-        q=run.q.copy_to_host(),
-        scale=run.scale.copy_to_host(),
-        zero=run.zero.copy_to_host(),
+        q=q,
+        scale=scale,
+        zero=zero,
         loss=float(row_loss.sum()),
         row_loss=row_loss,
-        objective=float(run.obj.copy_to_host().sum()),
+        objective=objective,
         loss_history=run.history,
         history_steps=run.steps,
         improved_rows=run.improved,
         config=cfg,
         lower_bound=float(row_lower_bound(W, Hd, cfg.bits, cfg.group_size).sum()) if cfg.lower_bound else None,
+        hp_index=hp_index,
+        hp_weight=hp_weight,
     )

@@ -142,13 +142,18 @@ def assert_same_result(res, ref):
     dq.QuantConfig(group_size=8, grid=10, iters=2, refine_sweeps=2),
     dq.QuantConfig(group_size=-1, grid=10, iters=1, refine_sweeps=3),
     dq.QuantConfig(group_size=-1, grid=10, iters=1, refine_sweeps=3, symmetric=True),
+    dq.QuantConfig(group_size=8, grid=10, iters=2, hp_channels=3),
+    dq.QuantConfig(bits=1, group_size=-1, grid=10, iters=1, hp_channels=2, hp_select="magnitude"),
 ], ids=["decoupleq-g8", "gptq-sym", "starts-bound", "rtn-3bit", "refine-g8", "refine-profiled",
-        "refine-profiled-sym"])
+        "refine-profiled-sym", "hp-branch-g8", "hp-branch-w1"])
 def test_quantize_layer_matches_reference(cfg):
     W, H = dq.synthetic_layer(12, 24, n_tokens=96, seed=7)
     res, ref = gpu.quantize_layer(W, H, cfg), dq.quantize_layer(W, H, cfg)
     assert_same_result(res, ref)
     assert (res.lower_bound is None) == (ref.lower_bound is None)
+    if cfg.hp_channels:
+        assert np.array_equal(res.hp_index, ref.hp_index)
+        assert rel_err(res.hp_weight, ref.hp_weight) < REL
 
 
 @settings(max_examples=4, deadline=None, derandomize=True)
@@ -230,6 +235,20 @@ def test_packed_matmul_property(out, n, gs, bits, batch, seed):
     lay = packed_layer(rng, out, n, gs, bits)
     x = rng.standard_normal((batch, n)).astype(np.float16)
     assert rel_err(gpu.packed_matmul(x, lay), dq.matmul(x.astype(np.float64), lay)) < 1e-3
+
+
+@pytest.mark.parametrize("batch", [2, 11])
+def test_packed_matmul_with_fp16_branch(batch):
+    """y = packed part + x[:, idx] @ Bᵀ, both kernel paths (GEMV and GEMM)."""
+    rng = np.random.default_rng(batch)
+    base = packed_layer(rng, 10, 48, 16, 2)
+    idx = np.array([0, 7, 31, 47], np.int32)
+    B = (rng.standard_normal((10, 4)) * 0.5).astype(np.float16)
+    lay = dq.PackedLayer(base.packed, base.scale, base.zero, 2, 16, (10, 48), idx, B)
+    x = rng.standard_normal((batch, 48)).astype(np.float32)
+    y = gpu.packed_matmul(x, lay)
+    assert rel_err(y, dq.matmul(x.astype(np.float64), lay)) < 1e-5
+    assert rel_err(y - gpu.packed_matmul(x, base), x[:, idx].astype(np.float64) @ B.astype(np.float64).T) < 1e-5
 
 
 def test_packed_matmul_rejects_bad_input():
