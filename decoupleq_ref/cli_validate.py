@@ -1,1 +1,87 @@
-"""Oracle commands (validate): see issue #6."""
+"""Oracle commands (issues 6 and 9): ``decoupleq validate`` and ``decoupleq validate-checkpoint``.
+
+Both register on ``cli.app``; the validate package is imported inside the commands, so the
+rest of the CLI starts without it. Exit status: 0 when everything passed, 1 when a check
+failed, 2 for bad arguments (typer's usage error, naming the option).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+
+from .cli import app
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    """Write JSON through a temporary file in the same directory and rename it into place, so a
+    crash never leaves a half-written report."""
+    path = Path(path)
+    if path.parent and not path.parent.exists():
+        raise typer.BadParameter(f"directory {path.parent} does not exist", param_hint="--json")
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent or ".")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(obj, f, indent=1, default=_json_default)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _json_default(x: Any) -> Any:
+    """numpy scalars and arrays in reports."""
+    if hasattr(x, "tolist"):
+        return x.tolist()
+    raise TypeError(f"not JSON serialisable: {type(x).__name__}")
+
+
+@app.command("validate")
+def validate_cmd(
+    impl: str = typer.Option(..., help="the implementation: 'package.module:function', 'file.py:function' "
+                             "or a backend name (reference, numba, cuda); fn(W, H, config: dict) -> mapping "
+                             "with q, scale, zero"),
+    suite: str = typer.Option("default", help="suite name under validate/suites, or a suite directory"),
+    convention: str = typer.Option("ours", help="how the result is expressed: ours | official | gptq | "
+                                   "transposed, or a comma list of signed,transposed,zero_point"),
+    level: str = typer.Option("quality", help="'quality': objective within 5 % of the reference's; "
+                              "'reference': within 1e-6 (a port of this solver)"),
+    cases: Optional[str] = typer.Option(None, help="only cases whose name contains one of these (comma list)"),
+    tags: Optional[str] = typer.Option(None, help="only cases with one of these tags (tiny, medium, combo, "
+                                       "adversarial, ragged, hp, config, method)"),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="also write the full report (every finding) here"),
+    details: int = typer.Option(5, min=0, help="print the findings of this many failing cases"),
+) -> None:
+    """Run an external decoupleQ implementation on the conformance suite; non-zero exit on failure."""
+    from validate.adapters import convention_alias, load_impl
+    from validate.check import LEVELS
+    from validate.conformance import load_suite, run_suite
+
+    if level not in LEVELS:
+        raise typer.BadParameter(f"{level!r} is not one of {sorted(LEVELS)}", param_hint="--level")
+    try:
+        conv = convention_alias(convention)
+        fn = load_impl(impl)
+        s = load_suite(suite)
+    except ValueError as e:
+        hint = str(e).split(":", 1)[0]
+        raise typer.BadParameter(str(e), param_hint=f"--{hint}" if hint in ("impl", "suite", "convention") else None) from None
+    names = [c.strip() for c in cases.split(",")] if cases else None
+    tag_list = [t.strip() for t in tags.split(",")] if tags else None
+    if names or tag_list:
+        s = s.select(names=names, tags=tag_list)
+        if not len(s):
+            raise typer.BadParameter("no case of the suite matches", param_hint="--cases/--tags")
+    rep = run_suite(fn, s, level=level, convention=conv)
+    rep.impl = impl
+    typer.echo(rep.table(details=details))
+    if json_out is not None:
+        write_json_atomic(json_out, rep.to_dict())
+        typer.echo(f"report written to {json_out}")
+    raise typer.Exit(0 if rep.ok else 1)
