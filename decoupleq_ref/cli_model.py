@@ -1,1 +1,240 @@
-"""Model-level commands (calibrate, quantize, run, eval, demo): see issue #5."""
+"""Model-level commands (issue 5): calibrate, quantize, run, eval, demo.
+
+They register on ``cli.app``. torch and transformers are imported inside the commands that need
+them, never at import time: ``decoupleq quantize`` runs without torch.
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import json
+import time
+from pathlib import Path
+from typing import Callable, Optional
+
+import typer
+
+from .backends import BACKENDS, default_backend, get_solver
+from .cli import app
+from .config import METHODS, QuantConfig
+from .model.progress import log
+from .model.source import ModelSource, resolve_model
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_CALIB_TEXT = REPO.parent / "shared" / "data" / "wikitext-2" / "valid.txt"
+DEFAULT_EVAL_TEXT = REPO.parent / "shared" / "data" / "wikitext-2-raw" / "wiki.test.raw"
+
+MODEL_ARG = typer.Argument(None, help="HF model directory (safetensors) or .gguf file; default: the bundled SmolLM2-135M-Instruct")
+
+
+def friendly_errors(command: Callable) -> Callable:
+    """Bad input (ValueError) → typer usage error naming the argument; disk errors → one clear line
+    and exit 1. Never a deep traceback for the user's mistakes."""
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except ValueError as e:
+            raise typer.BadParameter(str(e)) from None
+        except OSError as e:
+            hint = " (disk full: free space or choose another --out; finished layers are kept and a re-run resumes)" \
+                if e.errno == errno.ENOSPC else ""
+            typer.echo(f"error: {e}{hint}", err=True)
+            raise typer.Exit(1) from None
+    return wrapper
+
+
+def model_source(model: Optional[str]) -> ModelSource:
+    return resolve_model(model)
+
+
+def solver_for(backend: Optional[str]):
+    name = backend or default_backend()
+    if name not in BACKENDS:
+        raise ValueError(f"--backend: unknown backend {name!r}; choose one of {BACKENDS}")
+    return get_solver(name), name
+
+
+def quant_config(bits: int, group_size: int, method: str, iters: int, hp_channels: int = 0,
+                 hp_select: str = "hessian") -> QuantConfig:
+    if method not in METHODS:
+        raise ValueError(f"--method: {method!r} is not one of {METHODS}")
+    try:
+        return QuantConfig(bits=bits, group_size=group_size, method=method, iters=iters,
+                           hp_channels=hp_channels, hp_select=hp_select)
+    except ValueError as e:  # "QuantConfig.group_size: ..." → name the option
+        field = str(e).split(":")[0].removeprefix("QuantConfig.").replace("_", "-")
+        raise ValueError(f"--{field}: {str(e).split(':', 1)[1].strip()}") from None
+
+
+def text_windows(tokenizer, text: Path, nsamples: int, seqlen: int, seed: int):
+    from .model.text import random_windows, token_ids
+
+    return random_windows(token_ids(tokenizer, text), nsamples, seqlen, seed)
+
+
+@app.command("calibrate")
+@friendly_errors
+def calibrate_cmd(
+    model: Optional[str] = MODEL_ARG,
+    text: Path = typer.Option(DEFAULT_CALIB_TEXT, help="calibration text file"),
+    nsamples: int = typer.Option(128, min=1, help="random windows"),
+    seqlen: int = typer.Option(2048, min=2, help="tokens per window"),
+    seed: int = typer.Option(0, help="window sampling seed"),
+    out: Path = typer.Option(Path("stats"), help="output folder (hessians.safetensors + stats.json)"),
+) -> None:
+    """Run the float model on random text windows; store H = XᵀX/N (float64) for every linear."""
+    from .model.calibrate import calibrate
+    from .model.text import text_sha256
+    from .model.torch_model import load_model
+
+    source = model_source(model)
+    net, tokenizer = load_model(source)
+    windows = text_windows(tokenizer, text, nsamples, seqlen, seed)
+    info = {"model": source.describe(), "text_sha256": text_sha256(text), "nsamples": nsamples,
+            "seqlen": seqlen, "seed": seed}
+    stats = calibrate(net, windows, info)
+    stats.save(out)
+    log(f"wrote H for {len(stats.layers)} linears ({stats.info['tokens']} tokens) to {out}")
+
+
+@app.command("quantize")
+@friendly_errors
+def quantize_cmd(
+    model: Optional[str] = MODEL_ARG,
+    stats: Path = typer.Option(Path("stats"), help="folder written by `decoupleq calibrate`"),
+    bits: int = typer.Option(2, min=1, max=8),
+    group_size: int = typer.Option(64, help="columns per (scale, zero); -1 = per-channel"),
+    method: str = typer.Option("decoupleq", help=f"one of {', '.join(METHODS)}"),
+    iters: int = typer.Option(4, min=0, help="decoupleq alternations"),
+    hp_channels: int = typer.Option(0, min=0, help="input channels per layer kept in an fp16 branch (0 = off)"),
+    hp_select: str = typer.Option("hessian", help="how the fp16 branch picks its channels"),
+    backend: Optional[str] = typer.Option(None, help=f"one of {', '.join(BACKENDS)}; default: fastest available"),
+    out: Path = typer.Option(Path("qmodel"), help="checkpoint folder"),
+    overwrite: bool = typer.Option(False, help="replace an existing --out instead of resuming"),
+) -> None:
+    """Solve every calibrated linear layer-wise and write the checkpoint. Never imports torch."""
+    from .model.quantize import quantize_model
+    from .model.stats import CalibrationStats
+
+    source = model_source(model)
+    cfg = quant_config(bits, group_size, method, iters, hp_channels, hp_select)
+    solve, backend_name = solver_for(backend)
+    calib = CalibrationStats.load(stats)
+    t0 = time.perf_counter()
+    config = quantize_model(source, calib, cfg, solve, backend_name, out, overwrite)
+    total = sum(v["loss"] for v in config["layers"].values())
+    log(f"wrote {out}: {len(config['layers'])} layers, total loss {total:.6g}, {time.perf_counter() - t0:.0f}s")
+
+
+def run_pipeline(source: ModelSource, text: Path, nsamples: int, seqlen: int, seed: int, cfg: QuantConfig,
+                 backend: Optional[str], block_epochs: int, block_lr: float, out: Path, overwrite: bool) -> dict:
+    """calibration windows → sequential quantization with the block-wise stage → checkpoint."""
+    from .model.checkpoint import CheckpointWriter
+    from .model.quantize import checkpoint_header
+    from .model.sequential import run_model
+    from .model.text import text_sha256
+    from .model.torch_model import load_model
+
+    if block_epochs < 0 or block_lr < 0:
+        raise ValueError("--block-epochs/--block-lr: must be >= 0 (0 turns the block-wise stage off)")
+    solve, backend_name = solver_for(backend)
+    net, tokenizer = load_model(source, causal=True)
+    windows = text_windows(tokenizer, text, nsamples, seqlen, seed)
+    calibration = {"text_sha256": text_sha256(text), "nsamples": nsamples, "seqlen": seqlen, "seed": seed}
+    header = checkpoint_header("run", source, cfg, backend_name, calibration)
+    header["blockwise_settings"] = {"epochs": block_epochs, "lr": block_lr}
+    writer = CheckpointWriter(out, header, overwrite)
+    return run_model(net, windows, cfg, solve, writer, block_epochs if block_lr > 0 else 0, block_lr, seed)
+
+
+@app.command("run")
+@friendly_errors
+def run_cmd(
+    model: Optional[str] = MODEL_ARG,
+    text: Path = typer.Option(DEFAULT_CALIB_TEXT, help="calibration text file"),
+    nsamples: int = typer.Option(128, min=1),
+    seqlen: int = typer.Option(2048, min=2),
+    seed: int = typer.Option(0),
+    bits: int = typer.Option(2, min=1, max=8),
+    group_size: int = typer.Option(64, help="-1 = per-channel"),
+    method: str = typer.Option("decoupleq", help=f"one of {', '.join(METHODS)}"),
+    iters: int = typer.Option(4, min=0),
+    backend: Optional[str] = typer.Option(None, help=f"one of {', '.join(BACKENDS)}"),
+    block_epochs: int = typer.Option(4, help="block-wise stage epochs (0 = off)"),
+    block_lr: float = typer.Option(1e-5, help="block-wise stage Adam learning rate (0 = off)"),
+    out: Path = typer.Option(Path("qmodel"), help="checkpoint folder"),
+    overwrite: bool = typer.Option(False, help="replace an existing --out instead of resuming"),
+) -> None:
+    """The full procedure block by block: true-sequential layer-wise solve + block-wise stage."""
+    cfg = quant_config(bits, group_size, method, iters)
+    t0 = time.perf_counter()
+    config = run_pipeline(model_source(model), text, nsamples, seqlen, seed, cfg, backend, block_epochs,
+                          block_lr, out, overwrite)
+    log(f"wrote {out}: {len(config['layers'])} layers in {time.perf_counter() - t0:.0f}s")
+
+
+def eval_pipeline(source: ModelSource, quantized: Optional[Path], text: Path, seqlen: int,
+                  max_tokens: Optional[int]) -> dict:
+    """Perplexity of the float model, or of the checkpoint with its KL divergence to the float model."""
+    from .model.evaluate import evaluate
+    from .model.text import consecutive_windows, token_ids
+    from .model.torch_model import load_model, load_quantized
+
+    fp, tokenizer = load_model(source, causal=True)
+    windows = consecutive_windows(token_ids(tokenizer, text), seqlen, max_tokens)
+    result = {"model": source.describe(), "text": str(text)}
+    if quantized is None:
+        return {**result, **evaluate(fp, windows)}
+    q, _ = load_model(source, causal=True)
+    config = load_quantized(q, quantized)
+    return {**result, "quantized": str(quantized), "bits": config["bits"], "group_size": config["group_size"],
+            "method": config["method"], **evaluate(q, windows, reference=fp)}
+
+
+@app.command("eval")
+@friendly_errors
+def eval_cmd(
+    model: Optional[str] = MODEL_ARG,
+    quantized: Optional[Path] = typer.Option(None, help="checkpoint folder; default: evaluate the float model"),
+    text: Path = typer.Option(DEFAULT_EVAL_TEXT, help="evaluation text file"),
+    seqlen: int = typer.Option(2048, min=2),
+    max_tokens: Optional[int] = typer.Option(None, min=1, help="evaluate only the first N tokens"),
+    json_out: bool = typer.Option(False, "--json", help="print one JSON object"),
+) -> None:
+    """Perplexity over non-overlapping windows (+ KL divergence to the float model with --quantized)."""
+    t0 = time.perf_counter()
+    r = eval_pipeline(model_source(model), quantized, text, seqlen, max_tokens)
+    r["seconds"] = time.perf_counter() - t0
+    if json_out:
+        typer.echo(json.dumps(r))
+        return
+    kl = f"   KL to float {r['kl']:.4f}" if "kl" in r else ""
+    typer.echo(f"perplexity {r['perplexity']:.3f}{kl}   ({r['tokens']} tokens, {r['windows']} x {r['seqlen']})")
+
+
+@app.command("demo")
+@friendly_errors
+def demo_cmd(
+    calib_text: Path = typer.Option(DEFAULT_CALIB_TEXT, help="calibration text"),
+    eval_text: Path = typer.Option(DEFAULT_EVAL_TEXT, help="evaluation text"),
+    nsamples: int = typer.Option(32, min=1),
+    seqlen: int = typer.Option(512, min=2),
+    eval_tokens: int = typer.Option(32768, min=1, help="evaluation tokens (from the start of the text)"),
+    block_epochs: int = typer.Option(4, min=0),
+    out: Path = typer.Option(Path("decoupleq-demo"), help="checkpoint folder"),
+    overwrite: bool = typer.Option(False, help="start over instead of resuming"),
+) -> None:
+    """The default model end to end: calibrate + run at W2 g64 (block-wise stage on), eval fp vs quantized."""
+    source = model_source(None)
+    cfg = QuantConfig(bits=2, group_size=64)
+    t0 = time.perf_counter()
+    run_pipeline(source, calib_text, nsamples, seqlen, 0, cfg, None, block_epochs, 1e-5, out, overwrite)
+    t_run = time.perf_counter() - t0
+    r = eval_pipeline(source, out, eval_text, seqlen, eval_tokens)
+    fp = eval_pipeline(source, None, eval_text, seqlen, eval_tokens)
+    typer.echo(f"SmolLM2-135M-Instruct, {r['tokens']} tokens of {eval_text.name} ({r['windows']} x {seqlen}):")
+    typer.echo(f"  float      perplexity {fp['perplexity']:.3f}")
+    typer.echo(f"  W2 g64     perplexity {r['perplexity']:.3f}   KL to float {r['kl']:.4f}   (checkpoint {out})")
+    typer.echo(f"  time: run {t_run:.0f}s, total {time.perf_counter() - t0:.0f}s")

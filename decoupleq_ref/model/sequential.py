@@ -1,0 +1,182 @@
+"""``decoupleq run``: the paper's full procedure, block by block (true-sequential).
+
+For each decoder block, in order:
+
+1. its inputs X are the outputs of the already-quantized prefix on the calibration windows;
+2. the float block's outputs Y = block_fp(X) are kept as the block-wise target;
+3. its linears are solved layer-wise in the official order (q/k/v → o → gate/up → down), each
+   group's H = XᵀX/N captured after the previous groups were quantized;
+4. the block-wise stage (blockwise.py) trains (s, z) and the norm weights towards Y;
+5. the block is committed to the checkpoint (one atomic file) and its weights are set from what
+   was committed, so a resumed run continues from exactly the same state.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..backends import Solver
+from ..config import QuantConfig
+from ..objective import layer_loss
+from .blockwise import call_block, norm_parameters, train_block
+from .calibrate import HessianHooks
+from .checkpoint import CheckpointWriter, dequantized_weight, packed_layer, stored_layer
+from .progress import log, progress_bar
+from .torch_model import find_linears, layer_matrix, set_layer_matrix
+
+#: Official true-sequential order within a Llama block; names not listed form a last group.
+LLAMA_GROUPS = (("self_attn.k_proj", "self_attn.v_proj", "self_attn.q_proj"), ("self_attn.o_proj",),
+                ("mlp.up_proj", "mlp.gate_proj"), ("mlp.down_proj",))
+
+
+class _Stop(Exception):
+    pass
+
+
+def decoder_blocks(model: nn.Module) -> nn.ModuleList:
+    layers = getattr(getattr(model, "model", None), "layers", None)
+    if not isinstance(layers, nn.ModuleList) or len(layers) == 0:
+        raise ValueError(f"MODEL: `run` needs a Llama-family decoder (model.model.layers), got "
+                         f"{type(model).__name__}; use `calibrate` + `quantize` for other architectures")
+    return layers
+
+
+def block_inputs(model: nn.Module, windows: np.ndarray) -> tuple[torch.Tensor, dict]:
+    """Hidden states entering block 0 for every window, (n, seqlen, d), and the keyword arguments
+    the model passes to its blocks (rotary embeddings, mask, positions: equal for all windows)."""
+    captured: list[tuple[torch.Tensor, dict]] = []
+
+    def grab(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        captured.append((args[0] if args else kwargs.pop("hidden_states"), kwargs))
+        raise _Stop
+
+    handle = decoder_blocks(model)[0].register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            for w in windows:
+                try:
+                    model(input_ids=torch.from_numpy(w)[None], use_cache=False)
+                except _Stop:
+                    pass
+    finally:
+        handle.remove()
+    kwargs = {k: v for k, v in captured[0][1].items() if k not in ("past_key_values", "past_key_value", "use_cache")}
+    return torch.cat([c[0] for c in captured]), kwargs
+
+
+def forward_block(block: nn.Module, X: torch.Tensor, kwargs: dict, batch: int = 8) -> torch.Tensor:
+    with torch.no_grad():
+        return torch.cat([call_block(block, X[i:i + batch], kwargs) for i in range(0, len(X), batch)])
+
+
+def linear_groups(names: list[str]) -> list[list[str]]:
+    groups = [[n for n in g if n in names] for g in LLAMA_GROUPS]
+    rest = [n for n in names if not any(n in g for g in groups)]
+    return [g for g in groups if g] + ([rest] if rest else [])
+
+
+def block_unit(i: int) -> str:
+    return f"block.{i:04d}"
+
+
+def apply_unit(block: nn.Module, prefix: str, tensors: dict[str, np.ndarray], info: dict, bits: int,
+               group_size: int) -> None:
+    """Set a block's linears (dequantized) and norm weights from its committed unit."""
+    for name, layer in info["layers"].items():
+        set_layer_matrix(block.get_submodule(name.removeprefix(prefix)),
+                         dequantized_weight(tensors, name, layer, bits, group_size))
+    own = dict(block.named_parameters())
+    with torch.no_grad():
+        for key in info["norms"]:
+            own[key.removeprefix(prefix)].copy_(torch.from_numpy(tensors[key]))
+
+
+def quantize_block(block: nn.Module, prefix: str, X: torch.Tensor, kwargs: dict, cfg: QuantConfig, solve: Solver,
+                   epochs: int, lr: float, seed: int) -> tuple[dict[str, np.ndarray], dict]:
+    """Steps 2-4 for one block: returns the unit's tensors and info (per-layer losses on their H)."""
+    Y = forward_block(block, X, kwargs)
+    linears = find_linears(block)
+    tensors: dict[str, np.ndarray] = {}
+    layers: dict[str, dict] = {}
+    hessians: dict[str, np.ndarray] = {}
+    quant: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+    weights: dict[str, np.ndarray] = {}
+    for group in linear_groups(list(linears)):
+        hooks = HessianHooks({n: linears[n] for n in group})
+        try:
+            forward_block(block, X, kwargs)
+        finally:
+            hooks.remove()
+        for name, H in hooks.hessians().items():
+            W = layer_matrix(linears[name])
+            res = solve(W, H, cfg)
+            t, info = stored_layer(prefix + name, res, W, H, False)
+            tensors.update(t)
+            layers[prefix + name] = {**info, "loss_layerwise": info["loss"]}
+            hessians[name], weights[name] = H, W
+            quant[name] = (res.q, t[f"{prefix}{name}.scales"], t[f"{prefix}{name}.zeros"])
+            set_layer_matrix(linears[name], dequantized_weight(t, prefix + name, info, cfg.bits, cfg.group_size))
+    stage = {"epochs": epochs}
+    if epochs > 0:
+        r = train_block(block, quant, X, Y, kwargs, epochs, lr, seed)
+        for name in quant:
+            tensors[f"{prefix}{name}.scales"], tensors[f"{prefix}{name}.zeros"] = r.scales[name], r.zeros[name]
+            layer = layers[prefix + name]
+            W_hat = packed_layer(tensors, prefix + name, layer, cfg.bits, cfg.group_size).dequantize()
+            layer["loss"] = layer_loss(weights[name], W_hat, hessians[name])
+        stage.update(loss_before=r.loss_before, loss_after=r.loss_after, steps=r.steps,
+                     kept="trained" if r.loss_after < r.loss_before else "layer-wise")
+    norms = {}
+    for key, p in block.named_parameters():
+        if any(p is q for q in norm_parameters(block)):
+            norms[prefix + key] = p.detach().numpy().copy()
+    tensors.update(norms)
+    return tensors, {"layers": layers, "norms": sorted(norms), "blockwise": stage}
+
+
+def unique_state(model: nn.Module, skip: set[str]) -> dict[str, np.ndarray]:
+    """state_dict as numpy without ``skip`` and without second names of tied tensors."""
+    seen: set[int] = set()
+    out = {}
+    for k, v in model.state_dict().items():
+        if k in skip or v.data_ptr() in seen:
+            continue
+        seen.add(v.data_ptr())
+        out[k] = v.detach().numpy().copy()
+    return out
+
+
+def run_model(model: nn.Module, windows: np.ndarray, cfg: QuantConfig, solve: Solver, writer: CheckpointWriter,
+              epochs: int, lr: float, seed: int) -> dict:
+    """Quantize every decoder block in order (see module docstring); returns the checkpoint config."""
+    blocks = decoder_blocks(model)
+    model.config.use_cache = False
+    X, kwargs = block_inputs(model, windows)
+    layers: dict[str, dict] = {}
+    blockwise: list[dict] = []
+    units = []
+    with progress_bar("run (blocks)", len(blocks)) as advance:
+        for i, block in enumerate(blocks):
+            unit, prefix = block_unit(i), f"model.layers.{i}."
+            t0 = time.perf_counter()
+            if not writer.done(unit):
+                tensors, info = quantize_block(block, prefix, X, kwargs, cfg, solve, epochs, lr, seed + i)
+                writer.commit(unit, tensors, info)
+            tensors, info = writer.load(unit)
+            apply_unit(block, prefix, tensors, info, cfg.bits, cfg.group_size)
+            X = forward_block(block, X, kwargs)
+            units.append(unit)
+            layers.update(info["layers"])
+            stage = info["blockwise"]
+            blockwise.append({"block": i, **stage})
+            note = (f"block {i}: loss {stage['loss_before']:.3g} → {stage['loss_after']:.3g}" if epochs
+                    else f"block {i}") + f" ({time.perf_counter() - t0:.0f}s)"
+            log(note)
+            advance(note=note)
+    other = unique_state(model, {f"{n}.weight" for n in layers})
+    return writer.finalize(units, other, layers, {"blockwise": blockwise})

@@ -1,0 +1,42 @@
+"""Text → token ids → windows (calibration: random windows; eval: consecutive windows)."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+
+
+def text_sha256(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def token_ids(tokenizer: object, path: Path) -> np.ndarray:
+    """The whole file tokenized without special tokens, int64."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"--text: {path} is not a file; pass a plain-text file (e.g. wikitext-2 valid.txt)")
+    text = path.read_text(encoding="utf-8", errors="replace")
+    return np.asarray(tokenizer(text, add_special_tokens=False).input_ids, dtype=np.int64)
+
+
+def random_windows(ids: np.ndarray, nsamples: int, seqlen: int, seed: int) -> np.ndarray:
+    """(nsamples, seqlen) windows starting at uniform random offsets (numpy default_rng(seed))."""
+    if nsamples < 1 or seqlen < 2:
+        raise ValueError(f"--nsamples/--seqlen: need nsamples >= 1 and seqlen >= 2, got {nsamples}, {seqlen}")
+    if len(ids) < seqlen:
+        raise ValueError(f"--text: {len(ids)} tokens is shorter than one window of --seqlen {seqlen}; "
+                         "use a longer text or a smaller --seqlen")
+    starts = np.random.default_rng(seed).integers(0, len(ids) - seqlen + 1, size=nsamples)
+    return np.stack([ids[s:s + seqlen] for s in starts])
+
+
+def consecutive_windows(ids: np.ndarray, seqlen: int, max_tokens: int | None = None) -> np.ndarray:
+    """Non-overlapping windows from the start: floor(min(len, max_tokens) / seqlen) of them."""
+    n_tokens = len(ids) if max_tokens is None else min(len(ids), max_tokens)
+    n = n_tokens // seqlen
+    if n == 0:
+        raise ValueError(f"--text/--max-tokens: {n_tokens} tokens is shorter than one window of --seqlen "
+                         f"{seqlen}; use a longer text, a larger --max-tokens or a smaller --seqlen")
+    return ids[: n * seqlen].reshape(n, seqlen)

@@ -1,0 +1,47 @@
+"""Tiny random models saved as HF directories, for tests and examples (seconds, no download).
+
+The tokenizer is byte-level (256 tokens, no merges), so any text tokenizes.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def byte_tokenizer():
+    """A PreTrainedTokenizerFast over the 256 byte-level symbols."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {sym: i for i, sym in enumerate(sorted(alphabet))}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=sorted(alphabet)[0])
+
+
+def save_tiny(folder: Path, arch: str = "llama", seed: int = 0, **overrides) -> Path:
+    """Save a randomly initialised tiny model (``arch``: llama | gpt2 | bert) and the byte
+    tokenizer to ``folder`` as safetensors; returns the folder."""
+    import torch
+    from transformers import (BertConfig, BertModel, GPT2Config, GPT2LMHeadModel, LlamaConfig,
+                              LlamaForCausalLM)
+
+    torch.manual_seed(seed)
+    if arch == "llama":
+        cfg = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                          tie_word_embeddings=True, **overrides)
+        model = LlamaForCausalLM(cfg)
+    elif arch == "gpt2":
+        model = GPT2LMHeadModel(GPT2Config(vocab_size=256, n_embd=64, n_layer=2, n_head=4, n_positions=256, **overrides))
+    elif arch == "bert":
+        model = BertModel(BertConfig(vocab_size=256, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                     intermediate_size=128, max_position_embeddings=256, **overrides))
+    else:
+        raise ValueError(f"arch: unknown {arch!r}; choose llama, gpt2 or bert")
+    folder = Path(folder)
+    model.save_pretrained(folder)
+    byte_tokenizer().save_pretrained(folder)
+    return folder

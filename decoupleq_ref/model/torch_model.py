@@ -1,0 +1,111 @@
+"""Torch side of the pipeline: load a model, find its linears, put checkpoint weights back."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+from .checkpoint import model_state, read_checkpoint_tensors
+from .source import ModelSource
+
+
+def quiet_transformers() -> None:
+    """No download/loading progress bars or load reports from transformers: our own bars and
+    errors say what happens."""
+    from transformers.utils import logging
+
+    logging.set_verbosity_error()
+    logging.disable_progress_bar()
+
+
+def model_class(source: ModelSource) -> type:
+    """The class the model was saved as (config.json ``architectures``), so parameter names
+    match the saved tensors; GGUF files are Llama-family causal LMs."""
+    import transformers
+
+    if source.is_gguf:
+        return transformers.AutoModelForCausalLM
+    try:
+        config = transformers.AutoConfig.from_pretrained(source.folder)
+    except (OSError, ValueError, KeyError) as e:
+        raise ValueError(f"MODEL: unsupported or unreadable config.json in {source.folder} ({e})") from None
+    archs = getattr(config, "architectures", None) or []
+    cls = getattr(transformers, archs[0], None) if archs else None
+    return cls if cls is not None else transformers.AutoModel
+
+
+def load_model(source: ModelSource, causal: bool = False) -> tuple[nn.Module, object]:
+    """(float32 model in eval mode, tokenizer), as the class it was saved as. ``causal``: the
+    command needs next-token logits (eval, run); other architectures get a clear error."""
+    from transformers import AutoTokenizer
+
+    quiet_transformers()
+    kw = {"gguf_file": source.gguf_file} if source.is_gguf else {}
+    cls = model_class(source)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source.folder, **kw)
+    except (OSError, ValueError, KeyError) as e:
+        raise ValueError(f"MODEL: cannot load a tokenizer from {source.describe()} ({e}); "
+                         "save the tokenizer next to the model (tokenizer.save_pretrained)") from None
+    try:
+        model = cls.from_pretrained(source.folder, dtype=torch.float32, **kw)
+    except (OSError, ValueError, KeyError) as e:
+        raise ValueError(f"MODEL: cannot load {source.describe()} as {cls.__name__} ({e}); "
+                         "unsupported architecture or damaged files") from None
+    if causal and model.get_output_embeddings() is None:
+        raise ValueError(f"MODEL: {source.describe()} is a {type(model).__name__}, not a causal language "
+                         "model; this command needs next-token logits (calibrate + quantize work for it)")
+    return model.eval(), tokenizer
+
+
+def is_conv1d(module: nn.Module) -> bool:
+    """GPT-2 style Conv1D: a linear whose weight is stored (in, out)."""
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
+
+
+def find_linears(model: nn.Module, prefix: str = "") -> dict[str, nn.Module]:
+    """Every nn.Linear / Conv1D by module name, except the output head and any layer whose weight
+    is tied to the input embedding (both stay in float, as in GPTQ and decoupleQ)."""
+    skip: set[int] = set()
+    for get in ("get_output_embeddings", "get_input_embeddings"):
+        emb = getattr(model, get, lambda: None)()
+        if emb is not None and getattr(emb, "weight", None) is not None:
+            skip.add(id(emb.weight))
+    return {f"{prefix}{name}": m for name, m in model.named_modules()
+            if (isinstance(m, nn.Linear) or is_conv1d(m)) and id(m.weight) not in skip}
+
+
+def layer_matrix(module: nn.Module) -> np.ndarray:
+    """W (out, in) in float64, whatever the module's storage orientation."""
+    w = module.weight.detach().to(torch.float64)
+    return (w.T if is_conv1d(module) else w).numpy().copy()
+
+
+def set_layer_matrix(module: nn.Module, W_hat: np.ndarray) -> None:
+    """Replace a linear's weight by Ŵ (out, in), cast to the module's dtype."""
+    w = torch.from_numpy(np.ascontiguousarray(W_hat.T if is_conv1d(module) else W_hat))
+    with torch.no_grad():
+        module.weight.copy_(w.to(module.weight.dtype))
+
+
+def load_state(model: nn.Module, state: dict[str, np.ndarray]) -> None:
+    """Copy a name → array state into the model; ValueError if a name or shape does not fit."""
+    own = model.state_dict()
+    unknown = sorted(set(state) - set(own))
+    if unknown:
+        raise ValueError(f"--quantized: tensors {unknown[:3]} are not in MODEL; the checkpoint was made "
+                         "from another model: pass the same MODEL as for quantize/run")
+    with torch.no_grad():
+        for k, v in state.items():
+            if tuple(own[k].shape) != v.shape:
+                raise ValueError(f"--quantized: {k} is {v.shape} in the checkpoint but {tuple(own[k].shape)} "
+                                 "in MODEL; pass the same MODEL as for quantize/run")
+            own[k].copy_(torch.from_numpy(np.ascontiguousarray(v)).to(own[k].dtype))
+
+
+def load_quantized(model: nn.Module, folder) -> dict:
+    """Put a checkpoint into a transformers model as dequantized float weights; returns its config."""
+    config, tensors = read_checkpoint_tensors(folder)
+    load_state(model, model_state(config, tensors))
+    return config

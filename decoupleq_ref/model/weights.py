@@ -1,0 +1,107 @@
+"""Read a model's weights as float32 NumPy arrays under transformers' state_dict names — no torch.
+
+* HF directory: every ``*.safetensors`` file (sharded or not) through safetensors' numpy API;
+  bf16 tensors are widened to float32.
+* GGUF (Llama family): tensors dequantized with the ``gguf`` package and renamed to HF names.
+  llama.cpp's converter permutes the rows of attn_q / attn_k so that rotary pairs are
+  interleaved; transformers undoes that when it loads a GGUF, and so do we
+  (``unpermute_rotary``), so the arrays equal what transformers' model holds.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+
+from .source import ModelSource
+
+#: GGUF tensor name (within ``blk.N.``) → HF module path within ``model.layers.N.``
+LLAMA_BLOCK_NAMES = {
+    "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj", "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
+}
+LLAMA_GLOBAL_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
+LLAMA_ARCHS = ("llama",)
+
+
+def gguf_to_hf_name(name: str) -> str | None:
+    """'blk.3.attn_q.weight' → 'model.layers.3.self_attn.q_proj.weight'; None for tensors HF has no
+    parameter for (e.g. rope_freqs)."""
+    stem, _, leaf = name.rpartition(".")
+    m = re.fullmatch(r"blk\.(\d+)\.(\w+)", stem)
+    if m and m.group(2) in LLAMA_BLOCK_NAMES:
+        return f"model.layers.{m.group(1)}.{LLAMA_BLOCK_NAMES[m.group(2)]}.{leaf}"
+    if stem in LLAMA_GLOBAL_NAMES:
+        return f"{LLAMA_GLOBAL_NAMES[stem]}.{leaf}"
+    return None
+
+
+def unpermute_rotary(w: np.ndarray, n_head: int) -> np.ndarray:
+    """Undo llama.cpp's Q/K row permutation: rows ordered (head, pair, half) → (head, half, pair)."""
+    half = w.shape[0] // n_head // 2
+    return w.reshape(n_head, half, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def gguf_field(reader: object, key: str) -> object:
+    """Scalar or string value of a GGUF metadata field, or None."""
+    field = reader.fields.get(key)
+    if field is None:
+        return None
+    value = field.parts[field.data[0]]
+    return bytes(value).decode() if value.dtype == np.uint8 else value.item()
+
+
+def read_gguf_weights(path: Path) -> dict[str, np.ndarray]:
+    """All tensors of a Llama-family GGUF as float32 arrays with HF names and HF orientation."""
+    from gguf import GGUFReader
+    from gguf.quants import dequantize
+
+    reader = GGUFReader(str(path))
+    arch = gguf_field(reader, "general.architecture")
+    if arch not in LLAMA_ARCHS:
+        raise ValueError(f"MODEL: GGUF architecture {arch!r} is not supported by the torch-free reader "
+                         f"(supported: {LLAMA_ARCHS}); save the model as a HF safetensors directory instead")
+    n_head = int(gguf_field(reader, f"{arch}.attention.head_count"))
+    n_kv = int(gguf_field(reader, f"{arch}.attention.head_count_kv") or n_head)
+    out: dict[str, np.ndarray] = {}
+    for t in reader.tensors:
+        name = gguf_to_hf_name(t.name)
+        if name is None:
+            continue
+        # gguf lists dims fastest-first; dequantize returns the C-order (out, in) array
+        w = np.asarray(dequantize(t.data, t.tensor_type), dtype=np.float32).reshape(tuple(reversed(t.shape.tolist())))
+        if ".attn_q." in t.name:
+            w = unpermute_rotary(w, n_head)
+        elif ".attn_k." in t.name:
+            w = unpermute_rotary(w, n_kv)
+        out[name] = w
+    return out
+
+
+def read_safetensors_weights(folder: Path) -> dict[str, np.ndarray]:
+    """All tensors of a HF directory's *.safetensors files (float tensors as float32)."""
+    from safetensors import safe_open
+
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise ValueError(f"MODEL: {folder} has no *.safetensors file (pickled .bin weights are not read); "
+                         "re-save the model with save_pretrained(..., safe_serialization=True)")
+    out: dict[str, np.ndarray] = {}
+    for f in files:
+        with safe_open(str(f), framework="numpy") as st:
+            for k in st.keys():
+                try:
+                    arr = st.get_tensor(k)
+                except TypeError as e:  # bf16 has no numpy dtype
+                    raise ValueError(f"MODEL: tensor {k} in {f.name} has a dtype numpy cannot read ({e}); "
+                                     "re-save the model in float32 or float16") from None
+                out[k] = arr.astype(np.float32) if arr.dtype.kind == "f" else arr
+    return out
+
+
+def read_weights(source: ModelSource) -> dict[str, np.ndarray]:
+    """The model's tensors by HF state_dict name, as NumPy arrays (no torch import)."""
+    return read_gguf_weights(source.path) if source.is_gguf else read_safetensors_weights(source.folder)

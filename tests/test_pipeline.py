@@ -1,0 +1,245 @@
+"""Model pipeline (issue 5) on tiny random models built from configs: calibrate → quantize →
+checkpoint → reload, resume after an interruption, clear errors. SmolLM2 only in the last test."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("torch")
+pytest.importorskip("transformers")
+pytest.importorskip("gguf")
+
+from typer.testing import CliRunner  # noqa: E402
+
+from decoupleq_ref import layer_loss  # noqa: E402
+from decoupleq_ref.cli import app  # noqa: E402
+from decoupleq_ref.model import atomic  # noqa: E402
+from decoupleq_ref.model.checkpoint import CONFIG_NAME, PARTIAL, WEIGHTS_NAME, read_checkpoint  # noqa: E402
+from decoupleq_ref.model.stats import CalibrationStats  # noqa: E402
+from decoupleq_ref.model.tiny import save_tiny  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+CALIB_TEXT = REPO.parent / "shared" / "data" / "wikitext-2" / "valid.txt"
+EVAL_TEXT = REPO.parent / "shared" / "data" / "wikitext-2-raw" / "wiki.test.raw"
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def text(tmp_path_factory) -> Path:
+    """A few KB of real text when the shared data is there, else generated words (same role)."""
+    path = tmp_path_factory.mktemp("text") / "calib.txt"
+    if CALIB_TEXT.exists():
+        path.write_text(CALIB_TEXT.read_text(encoding="utf-8")[:20000])
+    else:
+        rng = np.random.default_rng(0)
+        words = ["the", "model", "weight", "of", "a", "layer", "is", "quantized", "to", "two", "bits", "."]
+        path.write_text(" ".join(rng.choice(words, 4000)))
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """arch → saved tiny model folder (built once per module)."""
+    root = tmp_path_factory.mktemp("tiny")
+    return {arch: save_tiny(root / arch, arch) for arch in ("llama", "gpt2", "bert")}
+
+
+def flat(output: str) -> str:
+    """CLI output without rich's box drawing and line wrapping."""
+    return " ".join(output.replace("│", " ").split())
+
+
+def cli(*args: str, ok: bool = True):
+    res = runner.invoke(app, [str(a) for a in args])
+    if ok and res.exit_code != 0:
+        raise AssertionError(f"exit {res.exit_code}: {res.output}") from res.exception
+    return res
+
+
+def calibrate(model: Path, text: Path, out: Path, nsamples: int = 4, seqlen: int = 32) -> Path:
+    cli("calibrate", model, "--text", text, "--nsamples", nsamples, "--seqlen", seqlen, "--out", out)
+    return out
+
+
+def quantize(model: Path, stats: Path, out: Path, *extra: str):
+    return cli("quantize", model, "--stats", stats, "--out", out, "--backend", "numpy", *extra)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "bert"])
+def test_calibrate_quantize_reload(arch, tiny, text, tmp_path):
+    """Every linear (GPT-2 Conv1D included) gets H, a packed layer whose stored loss is the loss
+    of its dequantized float32 weights, and reloads into transformers with exactly those weights."""
+    import torch
+
+    from decoupleq_ref.model.torch_model import find_linears, layer_matrix, load_model, load_quantized
+    from decoupleq_ref.model.weights import read_weights
+    from decoupleq_ref.model.source import resolve_model
+
+    stats = CalibrationStats.load(calibrate(tiny[arch], text, tmp_path / "stats"))
+    fp, _ = load_model(resolve_model(tiny[arch]))
+    assert set(stats.layers) == set(find_linears(fp)) and stats.info["tokens"] == 4 * 32
+    for name, H in stats.hessians.items():
+        assert H.dtype == np.float64 and np.allclose(H, H.T) and np.linalg.eigvalsh(H).min() > -1e-9
+    quantize(tiny[arch], tmp_path / "stats", tmp_path / "q", "--bits", "3", "--group-size", "32")
+    config, layers = read_checkpoint(tmp_path / "q")
+    assert config["bits"] == 3 and config["group_size"] == 32 and set(layers) == set(stats.layers)
+    weights = read_weights(resolve_model(tiny[arch]))
+    for name, packed in layers.items():
+        W = weights[f"{name}.weight"].astype(np.float64)
+        W = W.T if stats.layers[name]["transposed"] else W
+        assert packed.scale.dtype == np.float32 and packed.codes().max() <= 7
+        assert np.isclose(config["layers"][name]["loss"], layer_loss(W, packed.dequantize(), stats.hessians[name]))
+    q, _ = load_model(resolve_model(tiny[arch]))
+    load_quantized(q, tmp_path / "q")
+    mods = find_linears(q)
+    for name, packed in layers.items():
+        assert np.array_equal(layer_matrix(mods[name]), packed.dequantize().astype(np.float32).astype(np.float64))
+    q_state, fp_state = q.state_dict(), fp.state_dict()
+    quantized = {f"{n}.weight" for n in layers}
+    for k, v in fp_state.items():
+        if k not in quantized:
+            assert torch.equal(q_state[k], v), k
+
+
+def test_fp16_branch_stored_and_reloaded(tiny, text, tmp_path):
+    """--hp-channels: hp_index / hp_weight are in the checkpoint and in the reloaded weights."""
+    calibrate(tiny["llama"], text, tmp_path / "stats")
+    quantize(tiny["llama"], tmp_path / "stats", tmp_path / "q", "--hp-channels", "4", "--method", "gptq")
+    config, layers = read_checkpoint(tmp_path / "q")
+    for name, packed in layers.items():
+        assert packed.hp_channels == 4 and packed.hp_index.dtype == np.int32 and packed.hp_weight.dtype == np.float16
+        assert config["layers"][name]["hp_channels"] == 4
+    plain = packed.dequantize_packed()
+    assert not np.allclose(plain, packed.dequantize())
+
+
+def test_quantize_never_imports_torch(tiny, text, tmp_path):
+    """`decoupleq quantize` (HF safetensors directory) runs with torch absent from sys.modules."""
+    calibrate(tiny["llama"], text, tmp_path / "stats")
+    code = ("import sys\nfrom decoupleq_ref.cli import app\n"
+            "try:\n    app(sys.argv[1:])\nexcept SystemExit as e:\n    assert not e.code, e.code\n"
+            "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'transformers'))\n"
+            "assert not bad, bad\nprint('no torch')\n")
+    args = ["quantize", str(tiny["llama"]), "--stats", str(tmp_path / "stats"), "--out", str(tmp_path / "q"),
+            "--backend", "numpy", "--method", "rtn"]
+    done = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and "no torch" in done.stdout, done.stderr[-2000:]
+    assert (tmp_path / "q" / CONFIG_NAME).exists()
+
+
+class Interrupt(BaseException):
+    """Stands for a kill: not an Exception, so nothing on the way catches it."""
+
+
+def interrupting_solver(after: int):
+    from decoupleq_ref.backends import get_solver
+
+    solve, calls = get_solver("numpy"), []
+
+    def wrapped(W, H, cfg):
+        if len(calls) == after:
+            raise Interrupt
+        calls.append(1)
+        return solve(W, H, cfg)
+    return wrapped
+
+
+def tree_bytes(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_quantize_resume_is_byte_identical(tiny, text, tmp_path, monkeypatch):
+    """Interrupted after 5 layers, the same command finishes the run: byte-identical files to an
+    uninterrupted run, and the interrupted folder never looks like a finished checkpoint."""
+    import decoupleq_ref.cli_model as cm
+
+    calibrate(tiny["llama"], text, tmp_path / "stats")
+    args = ("--bits", "2", "--group-size", "32")
+    quantize(tiny["llama"], tmp_path / "stats", tmp_path / "ref", *args)
+    with monkeypatch.context() as m:
+        m.setattr(cm, "get_solver", lambda name=None: interrupting_solver(5))
+        with pytest.raises(Interrupt):
+            runner.invoke(app, ["quantize", str(tiny["llama"]), "--stats", str(tmp_path / "stats"), "--out",
+                                str(tmp_path / "cut"), "--backend", "numpy", *args], catch_exceptions=False)
+    assert not (tmp_path / "cut" / CONFIG_NAME).exists()
+    assert len(list((tmp_path / "cut" / PARTIAL).glob("*.safetensors"))) == 5
+    with pytest.raises(ValueError, match="not a finished checkpoint"):
+        read_checkpoint(tmp_path / "cut")
+    quantize(tiny["llama"], tmp_path / "stats", tmp_path / "cut", *args)
+    assert tree_bytes(tmp_path / "cut") == tree_bytes(tmp_path / "ref")
+
+
+def test_resume_refuses_other_settings(tiny, text, tmp_path, monkeypatch):
+    """An unfinished run is resumed only by the same settings; a foreign folder needs --overwrite."""
+    import decoupleq_ref.cli_model as cm
+
+    calibrate(tiny["llama"], text, tmp_path / "stats")
+    with monkeypatch.context() as m:
+        m.setattr(cm, "get_solver", lambda name=None: interrupting_solver(2))
+        with pytest.raises(Interrupt):
+            runner.invoke(app, ["quantize", str(tiny["llama"]), "--stats", str(tmp_path / "stats"), "--out",
+                                str(tmp_path / "cut"), "--backend", "numpy"], catch_exceptions=False)
+    res = cli("quantize", tiny["llama"], "--stats", tmp_path / "stats", "--out", tmp_path / "cut",
+              "--backend", "numpy", "--bits", "3", ok=False)
+    assert res.exit_code == 2 and "other settings" in flat(res.output)
+    res = cli("quantize", tiny["llama"], "--stats", tmp_path / "stats", "--out", tmp_path, ok=False)
+    assert res.exit_code == 2 and "--overwrite" in flat(res.output)
+
+
+def test_clear_errors(tiny, text, tmp_path):
+    """Bad input → exit 2 with a message naming the argument; nothing left looking complete."""
+    short = tmp_path / "short.txt"
+    short.write_text("too short")
+    cases = [
+        (("calibrate", tmp_path / "nope", "--text", text, "--out", tmp_path / "s"), "does not exist"),
+        (("calibrate", short, "--text", text, "--out", tmp_path / "s"), "not a .gguf"),
+        (("calibrate", tmp_path, "--text", text, "--out", tmp_path / "s"), "no config.json"),
+        (("calibrate", tiny["llama"], "--text", short, "--seqlen", "64", "--out", tmp_path / "s"),
+         "shorter than one window"),
+        (("calibrate", tiny["llama"], "--text", tmp_path / "missing.txt", "--out", tmp_path / "s"), "--text"),
+        (("quantize", tiny["llama"], "--stats", tmp_path / "nostats", "--out", tmp_path / "q"), "stats.json"),
+        (("quantize", tiny["llama"], "--stats", tmp_path, "--group-size", "0"), "--group-size"),
+        (("eval", tiny["llama"], "--quantized", tmp_path / "q", "--text", text), "not a directory"),
+        (("eval", tiny["bert"], "--text", text, "--seqlen", "16"), "not a causal language model"),
+    ]
+    for args, message in cases:
+        res = cli(*args, ok=False)
+        assert res.exit_code == 2, (args, res.output)
+        assert message in flat(res.output), (args, res.output)
+    assert not (tmp_path / "s").exists() and not (tmp_path / "q" / CONFIG_NAME).exists()
+
+
+def test_stats_from_another_model_are_refused(tiny, text, tmp_path):
+    calibrate(tiny["gpt2"], text, tmp_path / "stats")
+    res = cli("quantize", tiny["llama"], "--stats", tmp_path / "stats", "--out", tmp_path / "q", ok=False)
+    assert res.exit_code == 2 and "re-run calibrate" in flat(res.output)
+    assert not (tmp_path / "q" / CONFIG_NAME).exists()
+
+
+def test_disk_full_exits_1_without_a_complete_checkpoint(tiny, text, tmp_path, monkeypatch):
+    calibrate(tiny["llama"], text, tmp_path / "stats")
+    real, calls = atomic.atomic_write, []
+
+    def full(path, write):
+        calls.append(path)
+        if len(calls) > 3:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+        real(path, write)
+
+    monkeypatch.setattr(atomic, "atomic_write", full)
+    res = cli("quantize", tiny["llama"], "--stats", tmp_path / "stats", "--out", tmp_path / "q", "--backend",
+              "numpy", ok=False)
+    assert res.exit_code == 1 and "disk full" in flat(res.output)
+    assert not (tmp_path / "q" / CONFIG_NAME).exists()
+    assert not [p for p in (tmp_path / "q").rglob("*tmp*")]
+    monkeypatch.setattr(atomic, "atomic_write", real)
+    quantize(tiny["llama"], tmp_path / "stats", tmp_path / "q")  # resumes after space is freed
+    assert (tmp_path / "q" / CONFIG_NAME).exists()
