@@ -1,0 +1,117 @@
+"""Float step (mirrors decoupleq_ref/float_step.py): the exact (s, z) per row for fixed q.
+
+The normal equations P θ = y (ALGORITHM.md §3) are assembled per row chunk without the
+reference's redundant work: W·H comes from the solve's cache, the A·H·Eᵀ block from the
+(in, G) group sums of H (no product with a ones matrix), and A·H·Aᵀ only for group pairs h ≥ g
+(P is symmetric: half the flops of q·H). The contraction runs compiled over rows; the batched
+solve with its degenerate-group handling is the reference's own ``solve_rows``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from decoupleq_ref.float_step import degenerate_groups, solve_rows
+
+from ._blas import matmul
+from ._compat import njit, prange, require
+from ._products import wh
+
+__all__ = ["closed_form_scale_zero", "normal_equations"]
+
+CHUNK_BYTES = 64 << 20
+
+
+@njit(parallel=True)
+def _gram_upper(V, A, g, gs, P):
+    """P[i, g, h] = P[i, h, g] = Σ_{k in group h} V[i, k − g·gs] A[i, k] for every group h ≥ g,
+    with V = A[:, group g] · H[group g, g·gs:]."""
+    m, n = A.shape
+    G = n // gs
+    for i in prange(m):
+        for h in range(g, G):
+            acc = 0.0
+            for k in range(h * gs, (h + 1) * gs):
+                acc += V[i, k - g * gs] * A[i, k]
+            P[i, g, h] = acc
+            P[i, h, g] = acc
+
+
+@njit(parallel=True)
+def _group_dots(A, L, gs, out_a, out_1):
+    """out_a[i, g] = Σ_{k in g} L[i, k] A[i, k];  out_1[i, g] = Σ_{k in g} L[i, k]."""
+    m, n = A.shape
+    for i in prange(m):
+        for g in range(n // gs):
+            acc = 0.0
+            tot = 0.0
+            for k in range(g * gs, (g + 1) * gs):
+                acc += L[i, k] * A[i, k]
+                tot += L[i, k]
+            out_a[i, g] = acc
+            out_1[i, g] = tot
+
+
+@njit(parallel=True)
+def _basis(q, r0, r1, shift):
+    """q[r0:r1] − shift as float64 (shift = 2^(b−1) gives the symmetric basis c = q − 2^(b−1))."""
+    A = np.empty((r1 - r0, q.shape[1]))
+    for k in prange(r1 - r0):
+        for j in range(q.shape[1]):
+            A[k, j] = q[r0 + k, j] - shift
+    return A
+
+
+def normal_equations(A: np.ndarray, L: np.ndarray, panels: list[np.ndarray], Hs: np.ndarray,
+                     P22: np.ndarray | None, G: int) -> tuple[np.ndarray, np.ndarray]:
+    """P (m, n, n) and y (m, n) for the basis rows A (q, or q − 2^(b−1) when P22 is None:
+    symmetric), L = W·H on the same rows, panels[g] = H[group g, g·gs:] (contiguous) and
+    Hs = H·Eᵀ the (in, G) group sums of H."""
+    m, n_in = A.shape
+    gs = n_in // G
+    P11 = np.empty((m, G, G))
+    for g in range(G):
+        cols = slice(g * gs, (g + 1) * gs)
+        _gram_upper(matmul(A[:, cols], panels[g]), A, g, gs, P11)
+    ya, y1 = np.empty((m, G)), np.empty((m, G))
+    _group_dots(A, L, gs, ya, y1)
+    if P22 is None:
+        return P11, ya
+    P = np.empty((m, 2 * G, 2 * G))
+    P[:, :G, :G] = P11
+    for g in range(G):  # (A H Eᵀ)[i, g, h] = Σ_{k in g} A_ik Hs_kh
+        cols = slice(g * gs, (g + 1) * gs)
+        P[:, g, G:] = matmul(A[:, cols], Hs[cols])
+    P[:, G:, :G] = P[:, :G, G:].transpose(0, 2, 1)
+    P[:, G:, G:] = P22
+    return P, np.concatenate([ya, y1], axis=1)
+
+
+def closed_form_scale_zero(q: np.ndarray, W: np.ndarray, H: np.ndarray, bits: int, group_size: int,
+                           symmetric: bool, scale: np.ndarray, row_chunk: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """argmin_{s,z} Σ_i (s·q_i + z − W_i) H (…)ᵀ for fixed q (mirrors
+    decoupleq_ref.closed_form_scale_zero, including the degenerate-group fallback)."""
+    require()
+    out, n_in = q.shape
+    G = 1 if group_size == -1 else n_in // group_size
+    gs = n_in // G
+    half = float(1 << (bits - 1))
+    L = wh(W, H)
+    Hs = H.reshape(n_in, G, gs).sum(axis=2)
+    panels = [np.ascontiguousarray(H[g * gs:(g + 1) * gs, g * gs:]) for g in range(G)]
+    P22 = None if symmetric else H.reshape(G, gs, G, gs).sum(axis=(1, 3))
+    new_s, new_z = np.empty((out, G)), np.empty((out, G))
+    n_unk = G if symmetric else 2 * G
+    chunk = row_chunk or max(1, min(4096, CHUNK_BYTES // (8 * max(n_in, n_unk * n_unk))))
+    for r0 in range(0, out, chunk):
+        r1 = min(out, r0 + chunk)
+        A = _basis(q, r0, r1, half if symmetric else 0.0)
+        P, y = normal_equations(A, L[r0:r1], panels, Hs, P22, G)
+        fixed = np.zeros((r1 - r0, n_unk), dtype=bool)
+        fixed[:, :G] = degenerate_groups(q[r0:r1], G, bits, symmetric)
+        value = np.zeros((r1 - r0, n_unk))
+        value[:, :G] = scale[r0:r1]
+        theta = solve_rows(P, y, fixed, value)
+        new_s[r0:r1] = theta[:, :G]
+        new_z[r0:r1] = -theta[:, :G] * (1 << (bits - 1)) if symmetric else theta[:, G:]
+    return new_s, new_z

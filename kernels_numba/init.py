@@ -1,0 +1,272 @@
+"""Initialisation (mirrors decoupleq_ref/init.py): min-max (s, z), RTN, and the shrink grid search.
+
+The reference scores each of the ~160 shrink factors p with a full row_losses, i.e. one
+(out, in)·(in, in) product per p. ``init_scale_zero`` here picks the same p per row with about
+two products in total, using that the codes move little between neighbouring p:
+
+* In exact arithmetic Ŵ_p = s_p·q_p + z_p = p·V_p with V_p = s₁·q_p + z₁ (s₁, z₁ the p = 1
+  grid), so with r₁ = V₁ − W and D_p = V_p − V₁ = s₁·(q_p − q₁) (sparse: only changed codes)
+
+      pV_p − W = p·(r₁ + D_p) − (1 − p)·W
+      ℓ(p) = p²·(ℓ₁ + 2·D_p·g₁ + D_p H D_pᵀ) − 2p(1 − p)·(r₁·t + D_p·t) + (1 − p)²·W H Wᵀ
+
+  with g₁ = r₁H and t = WH (the two products). D_p·g₁ and D_p·t change by O(1) per changed
+  code. D_p H D_pᵀ is kept exactly by rank-1 updates u ← u + d·H_j (u = D_p H), and
+  ΔD H Dᵀ = d·(u_old + u_new) needs u only at the changed columns.
+* A code changes at most 2^b − 1 times over the grid (|x/p| grows monotonically), measured
+  ≈ 0.5–0.75 changes per weight for 2 bits, so the updates cost ≈ 0.7 products instead of 160.
+  They are done per panel of 64 columns of H copied into a thread-local buffer (2 MiB: stays in
+  L2), for a block of rows at a time, so H is streamed from memory once per row block.
+* The codes q_p are computed with the reference's exact float operations (same s_p, z_p,
+  safe_div, round-half-up), so every candidate grid and the chosen (s, z) are bit-identical to
+  the reference's; only the loss values differ, at rounding level (ε·WHWᵀ).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from decoupleq_ref.init import (minmax_range, minmax_scale_zero, placement_candidates,  # O(out·G) glue
+                                shrink_factors)
+
+from ._blas import matmul
+from ._compat import njit, prange, require
+from ._products import wh
+from .objective import proposal_losses, residual_rows, row_chunk
+
+__all__ = ["init_scale_zero", "minmax_range", "minmax_scale_zero", "placement_starts", "quantize_rtn",
+           "shrink_factors"]
+
+PANEL = 64  # columns of H per panel: 64·in·8 bytes = 2 MiB for in = 4096
+
+
+@njit(inline="always")
+def _den(s):
+    """safe_div's denominator: max(|s|, 1e-15) with s's sign (0 counts as positive)."""
+    sgn = -1.0 if s < 0 else 1.0
+    return max(abs(s), 1e-15) * sgn
+
+
+@njit(inline="always")
+def _clip_code(x, maxq):
+    if x < 0:
+        return 0
+    if x > maxq:
+        return maxq
+    return int(x)
+
+
+@njit(parallel=True)
+def _rtn_codes(W, scale, zero, maxq):
+    """clamp(⌊(W − z)/s + ½⌋) with the reference's exact operations (quantize_rtn), uint8."""
+    out, n = W.shape
+    G = scale.shape[1]
+    gs = n // G
+    q = np.empty((out, n), np.uint8)
+    for i in prange(out):
+        for g in range(G):
+            z = zero[i, g]
+            den = _den(scale[i, g])
+            for j in range(g * gs, (g + 1) * gs):
+                q[i, j] = _clip_code(np.floor((W[i, j] - z) / den + 0.5), maxq)
+    return q
+
+
+def quantize_rtn(W: np.ndarray, scale: np.ndarray, zero: np.ndarray, bits: int) -> np.ndarray:
+    """q = clamp(round((W − z)/s), 0, 2^b − 1) (mirrors decoupleq_ref.quantize_rtn), as uint8
+    codes: the compiled solver keeps q as uint8 throughout (8× less memory than float64)."""
+    require()
+    return _rtn_codes(W, np.ascontiguousarray(scale, dtype=np.float64),
+                      np.ascontiguousarray(zero, dtype=np.float64), (1 << bits) - 1)
+
+
+@njit(inline="always")
+def _fast_code(w, z, den, inv, maxq):
+    """The reference's code ⌊(w − z)/den + ½⌋ via a multiply; the division only near a tie.
+
+    (w − z)·inv is within a few ulps of (w − z)/den, so the floors can differ only when
+    (w − z)/den + ½ is within a few ulps of an integer; there we redo the exact division."""
+    f = (w - z) * inv + 0.5
+    fl = np.floor(f)
+    d = f - fl
+    tol = 1e-12 * (abs(f) + 1.0)
+    if d < tol or d > 1.0 - tol:
+        fl = np.floor((w - z) / den + 0.5)
+    return _clip_code(fl, maxq)
+
+
+@njit
+def _grid_block(W, R1, g1, t, H, xmin, xmax, s1, q1, ps, maxq, half, symmetric, r0, r1, panel, kbest, best):
+    """Rows r0..r1 of the grid search (one task; see the module docstring).
+
+    Phase A records the code changes (column, s₁·Δq) per (row, step) with D·g₁ and D·t kept
+    cumulatively; phase B accumulates D_p H D_pᵀ panel by panel; then each row picks its p."""
+    n = W.shape[1]
+    G = xmin.shape[1]
+    gs = n // G
+    K = ps.shape[0]
+    m = r1 - r0
+    cap = m * n // 2 + 1024
+    ej = np.empty(cap, np.int32)
+    ev = np.empty(cap)
+    off = np.empty((m, K + 1), np.int64)
+    cumg = np.zeros((m, K))
+    cumt = np.zeros((m, K))
+    prev = np.empty(n, np.uint8)
+    ne = 0
+    for ii in range(m):
+        i = r0 + ii
+        for j in range(n):
+            prev[j] = q1[i, j]
+        off[ii, 0] = ne
+        off[ii, 1] = ne
+        dg = 0.0
+        dt = 0.0
+        for k in range(1, K):
+            p = ps[k]
+            for g in range(G):
+                lo = p * xmin[i, g]
+                s = (p * xmax[i, g] - lo) / maxq
+                z = -s * half if symmetric else lo
+                den = _den(s)
+                inv = 1.0 / den
+                sg = s1[i, g]
+                for j in range(g * gs, (g + 1) * gs):
+                    c = _fast_code(W[i, j], z, den, inv, maxq)
+                    if c != prev[j]:
+                        if ne == cap:  # grow the event buffers
+                            cap *= 2
+                            ej2 = np.empty(cap, np.int32)
+                            ev2 = np.empty(cap)
+                            ej2[:ne] = ej[:ne]
+                            ev2[:ne] = ev[:ne]
+                            ej = ej2
+                            ev = ev2
+                        v = sg * (np.float64(c) - np.float64(prev[j]))
+                        ej[ne] = j
+                        ev[ne] = v
+                        ne += 1
+                        dg += v * g1[i, j]
+                        dt += v * t[i, j]
+                        prev[j] = c
+            off[ii, k + 1] = ne
+            cumg[ii, k] = dg
+            cumt[ii, k] = dt
+    # phase B: Δ(D H Dᵀ) = d·(u_old + u_new) at the changed columns, u = D H kept per panel
+    da = np.zeros((m, K))
+    Hp = np.empty((n, panel))
+    up = np.empty(panel)
+    for p0 in range(0, n, panel):
+        w = min(panel, n - p0)
+        for l in range(n):
+            for c in range(w):
+                Hp[l, c] = H[l, p0 + c]
+        for ii in range(m):
+            for c in range(w):
+                up[c] = 0.0
+            for k in range(1, K):
+                e0 = off[ii, k]
+                e1 = off[ii, k + 1]
+                if e0 == e1:
+                    continue
+                acc = 0.0
+                for e in range(e0, e1):
+                    jj = ej[e] - p0
+                    if jj >= 0 and jj < w:
+                        acc += ev[e] * up[jj]
+                for e in range(e0, e1):
+                    v = ev[e]
+                    jr = ej[e]
+                    for c in range(w):
+                        up[c] += v * Hp[jr, c]
+                for e in range(e0, e1):
+                    jj = ej[e] - p0
+                    if jj >= 0 and jj < w:
+                        acc += ev[e] * up[jj]
+                da[ii, k] += acc
+    # losses and the choice (strict <: ties keep the larger p, as the reference)
+    for ii in range(m):
+        i = r0 + ii
+        l1 = 0.0
+        e1r = 0.0
+        cw = 0.0
+        for j in range(n):
+            l1 += R1[i, j] * g1[i, j]
+            e1r += R1[i, j] * t[i, j]
+            cw += W[i, j] * t[i, j]
+        b = l1
+        kb = 0
+        a = 0.0
+        for k in range(1, K):
+            a += da[ii, k]
+            p = ps[k]
+            A = l1 + 2.0 * cumg[ii, k] + a
+            B = e1r + cumt[ii, k]
+            loss = p * p * A - 2.0 * p * (1.0 - p) * B + (1.0 - p) * (1.0 - p) * cw
+            if loss < b:
+                b = loss
+                kb = k
+        best[i] = b
+        kbest[i] = kb
+
+
+@njit(parallel=True)
+def _grid_kernel(W, R1, g1, t, H, xmin, xmax, s1, q1, ps, maxq, half, symmetric, rb, panel):
+    """Best shrink-factor index and its loss per row; one prange task per block of rb rows."""
+    out = W.shape[0]
+    kbest = np.zeros(out, np.int64)
+    best = np.empty(out)
+    nblk = (out + rb - 1) // rb
+    for blk in prange(nblk):
+        _grid_block(W, R1, g1, t, H, xmin, xmax, s1, q1, ps, maxq, half, symmetric,
+                    blk * rb, min(out, blk * rb + rb), panel, kbest, best)
+    return kbest, best
+
+
+def _row_block(out: int) -> int:
+    """Rows per grid task: ≥ 4 tasks for 2 threads, ≤ 256 rows (event buffers stay small)."""
+    return int(max(1, min(256, -(-out // 4))))
+
+
+def init_scale_zero(W: np.ndarray, H: np.ndarray, bits: int, group_size: int, symmetric: bool, grid: int,
+                    max_shrink: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Shrink grid search (mirrors decoupleq_ref.init_scale_zero): the same p per row, hence
+    bitwise the same (s, z); the returned losses agree to rounding (see the module docstring)."""
+    require()
+    xmin, xmax = minmax_range(W, group_size, symmetric)
+    s1, z1 = minmax_scale_zero(xmin, xmax, bits, symmetric)
+    ps = shrink_factors(grid, max_shrink)
+    maxq = (1 << bits) - 1
+    q1 = _rtn_codes(W, s1, z1, maxq)
+    t = wh(W, H)
+    out, n = W.shape
+    kbest = np.empty(out, np.int64)
+    loss = np.empty(out)
+    step = row_chunk(n)
+    for r0 in range(0, out, step):
+        r1 = min(out, r0 + step)
+        R1 = residual_rows(q1, s1, z1, W, r0, r1)
+        sl = slice(r0, r1)
+        kbest[sl], loss[sl] = _grid_kernel(W[sl], R1, matmul(R1, H), t[sl], H, xmin[sl], xmax[sl], s1[sl], q1[sl], ps,
+                                           maxq, float(1 << (bits - 1)), bool(symmetric), _row_block(r1 - r0), PANEL)
+    p = ps[kbest][:, None]
+    scale, zero = minmax_scale_zero(p * xmin, p * xmax, bits, symmetric)
+    return scale, zero, loss
+
+
+def placement_starts(W: np.ndarray, H: np.ndarray, bits: int, group_size: int, symmetric: bool,
+                     n: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """The n best placement candidates per row (mirrors decoupleq_ref.init.placement_starts),
+    each candidate scored with the compiled RTN, float step and objective."""
+    from .float_step import closed_form_scale_zero  # float_step imports this module
+
+    cands = placement_candidates(*minmax_range(W, group_size, symmetric), bits, symmetric)
+    scores = np.empty((len(cands), W.shape[0]))
+    for k, (s, z) in enumerate(cands):
+        q = quantize_rtn(W, s, z, bits)
+        s_fit, z_fit = closed_form_scale_zero(q, W, H, bits, group_size, symmetric, s)
+        scores[k] = np.minimum(proposal_losses(W, q, s, z, H), proposal_losses(W, q, s_fit, z_fit, H))
+    rank = np.argsort(scores, axis=0, kind="stable")[: min(n, len(cands))]  # (n, out): k-th best per row
+    every_row = np.arange(W.shape[0])
+    S, Z = np.stack([c[0] for c in cands]), np.stack([c[1] for c in cands])
+    return [(S[best, every_row], Z[best, every_row]) for best in rank]

@@ -1,0 +1,135 @@
+"""Integer step (mirrors decoupleq_ref/integer_step.py): box relaxation and GPTQ rounding.
+
+GPTQ's column loop runs compiled, one row per task (rows never interact), on the permuted
+weights; the trailing update of each block is the reference's own BLAS product
+``W[:, i2:] −= Err · U[i1:i2, i2:]``. Every float operation is the reference's, in its order,
+so the codes are bitwise the reference's. Scales and zeros stay (out, G) (no (out, in) copies);
+codes are uint8.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from decoupleq_ref.integer_step import act_order_perm, gptq_factor, inverse_cholesky_upper  # O(in³), once
+
+from ._blas import matmul
+from ._compat import get_num_threads, njit, prange, require
+from .init import _clip_code, _den
+
+__all__ = ["act_order_perm", "gptq_factor", "gptq_round", "integer_step", "inverse_cholesky_upper", "relax_box"]
+
+
+@njit(parallel=True)
+def _gptq_block(Wp, Q, Err, scale, zero, gidx, U, i1, i2, maxq):
+    """Columns i1..i2 of GPTQ for every row: round, error, in-block update (reference order)."""
+    for i in prange(Wp.shape[0]):
+        for c in range(i1, i2):
+            g = gidx[c]
+            s = scale[i, g]
+            z = zero[i, g]
+            code = _clip_code(np.floor((Wp[i, c] - z) / _den(s) + 0.5), maxq)
+            Q[i, c] = code
+            err = (Wp[i, c] - (s * code + z)) / U[c, c]
+            for k in range(c, i2):
+                Wp[i, k] -= err * U[c, k]
+            Err[i, c - i1] = err
+
+
+@njit(parallel=True)
+def _trailing_update(Wp, Err, Ub, i2, parts):
+    """Wp[:, i2:] −= Err · Ub (the reference's product and subtraction), rows split over threads."""
+    m = Wp.shape[0]
+    for p in prange(parts):
+        r0 = p * m // parts
+        r1 = (p + 1) * m // parts
+        if r1 > r0:
+            T = np.dot(Err[r0:r1], Ub)
+            for i in range(r0, r1):
+                for k in range(T.shape[1]):
+                    Wp[i, i2 + k] -= T[i - r0, k]
+
+
+def _parts(rows: int) -> int:
+    return max(1, min(2 * get_num_threads(), rows // 32))
+
+
+@njit(parallel=True)
+def _permute_cols(A, perm):
+    out = np.empty((A.shape[0], perm.shape[0]))
+    for i in prange(A.shape[0]):
+        for c in range(perm.shape[0]):
+            out[i, c] = A[i, perm[c]]
+    return out
+
+
+@njit(parallel=True)
+def _unpermute_cols(Q, perm):
+    q = np.empty_like(Q)
+    for i in prange(Q.shape[0]):
+        for c in range(perm.shape[0]):
+            q[i, perm[c]] = Q[i, c]
+    return q
+
+
+def gptq_round(W: np.ndarray, scale: np.ndarray, zero: np.ndarray, H: np.ndarray, bits: int, act_order: bool,
+               block_size: int, damp: float, factor: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
+    """GPTQ sequential rounding with lazy block updates (mirrors decoupleq_ref.gptq_round, but
+    takes the per-group (out, G) scale and zero); returns uint8 codes (out, in)."""
+    require()
+    maxq = (1 << bits) - 1
+    perm, U = factor if factor is not None else gptq_factor(H, act_order, damp)
+    n = W.shape[1]
+    gidx = (perm // (n // scale.shape[1])).astype(np.int64)
+    Wp = _permute_cols(W, perm)
+    Q = np.empty(W.shape, np.uint8)
+    scale = np.ascontiguousarray(scale, dtype=np.float64)
+    zero = np.ascontiguousarray(zero, dtype=np.float64)
+    for i1 in range(0, n, block_size):
+        i2 = min(i1 + block_size, n)
+        Err = np.empty((W.shape[0], i2 - i1))
+        _gptq_block(Wp, Q, Err, scale, zero, gidx, U, i1, i2, maxq)
+        if i2 < n:
+            _trailing_update(Wp, Err, np.ascontiguousarray(U[i1:i2, i2:]), i2, _parts(W.shape[0]))
+    return _unpermute_cols(Q, perm)
+
+
+@njit(parallel=True)
+def _adam_update(w, g, m, v, lo, hi, t, lr):
+    """One projected Adam step, element by element in the reference's operation order."""
+    b1, b2, eps = 0.9, 0.999, 1e-5
+    step = lr / (1 - b1 ** t)
+    corr = 1 - b2 ** t
+    for i in prange(w.shape[0]):
+        for j in range(w.shape[1]):
+            gij = g[i, j]
+            m[i, j] = b1 * m[i, j] + (1 - b1) * gij
+            v[i, j] = b2 * v[i, j] + (1 - b2) * gij * gij
+            x = w[i, j] - step * m[i, j] / (np.sqrt(v[i, j] / corr) + eps)
+            w[i, j] = min(max(x, lo[i, j]), hi[i, j])
+
+
+def relax_box(W: np.ndarray, scale_e: np.ndarray, zero_e: np.ndarray, H: np.ndarray, bits: int, iters: int,
+              lr: float) -> np.ndarray:
+    """Projected Adam on the box-relaxed problem (mirrors decoupleq_ref.relax_box)."""
+    require()
+    a, b = zero_e, zero_e + scale_e * ((1 << bits) - 1)
+    lo, hi = np.minimum(a, b), np.maximum(a, b)
+    w = np.clip(W, lo, hi)
+    m, v = np.zeros_like(W), np.zeros_like(W)
+    for t in range(1, iters + 1):
+        _adam_update(w, matmul(w - W, H), m, v, lo, hi, float(t), float(lr))
+    return w
+
+
+def integer_step(W: np.ndarray, scale: np.ndarray, zero: np.ndarray, H: np.ndarray, bits: int, act_order: bool,
+                 block_size: int, damp: float, relax_iters: int, relax_lr: float,
+                 factor: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
+    """Optional box relaxation, then GPTQ rounding (mirrors decoupleq_ref.integer_step); uint8."""
+    start = W
+    if relax_iters > 0:
+        n_in = W.shape[1]
+        reps = n_in // scale.shape[1]
+        start = relax_box(W, np.repeat(scale, reps, axis=1), np.repeat(zero, reps, axis=1), H, bits,
+                          relax_iters, relax_lr)
+    return gptq_round(start, scale, zero, H, bits, act_order, block_size, damp, factor)

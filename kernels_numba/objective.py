@@ -1,0 +1,50 @@
+"""The layer objective (mirrors decoupleq_ref/objective.py) without (out, in) float64 Ŵ copies.
+
+``proposal_losses`` forms the residual R = s·q + z − W one row chunk at a time in a compiled
+kernel (same operations as the reference's dequantize_parts, so R is bitwise the reference's)
+and takes ℓ_i = Σ_j (R H)_ij R_ij with the same BLAS product and einsum as the reference.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from decoupleq_ref.objective import damp_hessian, layer_loss, row_losses  # not hot: reused as is
+
+from ._blas import matmul
+from ._compat import njit, prange
+
+__all__ = ["damp_hessian", "layer_loss", "row_losses", "proposal_losses", "residual_rows", "row_chunk"]
+
+ROW_CHUNK_BYTES = 16 << 20  # (chunk, in) float64 temporaries stay around 16 MiB
+
+
+def row_chunk(n_in: int) -> int:
+    """Rows per chunk so a (chunk, n_in) float64 temporary is about ROW_CHUNK_BYTES."""
+    return max(16, ROW_CHUNK_BYTES // (8 * max(n_in, 1)))
+
+
+@njit(parallel=True)
+def residual_rows(q, scale, zero, W, r0, r1):
+    """(s·q + z − W)[r0:r1]: s·q first, then + z, then − W, as the reference rounds it."""
+    n = q.shape[1]
+    gs = n // scale.shape[1]
+    R = np.empty((r1 - r0, n))
+    for k in prange(r1 - r0):
+        i = r0 + k
+        for j in range(n):
+            g = j // gs
+            R[k, j] = (scale[i, g] * q[i, j] + zero[i, g]) - W[i, j]
+    return R
+
+
+def proposal_losses(W: np.ndarray, q: np.ndarray, scale: np.ndarray, zero: np.ndarray, H: np.ndarray) -> np.ndarray:
+    """ℓ_i = (s·q_i + z − W_i) H (…)ᵀ for every row (mirrors decoupleq_ref.solver.proposal_losses)."""
+    out, n = W.shape
+    res = np.empty(out)
+    step = row_chunk(n)
+    for r0 in range(0, out, step):
+        r1 = min(out, r0 + step)
+        R = residual_rows(q, scale, zero, W, r0, r1)
+        res[r0:r1] = np.einsum("ij,ij->i", matmul(R, H), R)
+    return res
