@@ -217,24 +217,39 @@ def eval_cmd(
 @app.command("demo")
 @friendly_errors
 def demo_cmd(
+    model: Optional[str] = MODEL_ARG,
     calib_text: Path = typer.Option(DEFAULT_CALIB_TEXT, help="calibration text"),
     eval_text: Path = typer.Option(DEFAULT_EVAL_TEXT, help="evaluation text"),
-    nsamples: int = typer.Option(32, min=1),
-    seqlen: int = typer.Option(512, min=2),
-    eval_tokens: int = typer.Option(32768, min=1, help="evaluation tokens (from the start of the text)"),
-    block_epochs: int = typer.Option(4, min=0),
+    nsamples: int = typer.Option(16, min=1, help="calibration windows"),
+    seqlen: int = typer.Option(512, min=2, help="tokens per window (calibration and evaluation)"),
+    eval_tokens: int = typer.Option(8192, min=1, help="evaluation tokens (from the start of the text)"),
+    block_epochs: int = typer.Option(2, min=0, help="block-wise stage epochs (0 = off)"),
+    block_lr: float = typer.Option(1e-5, min=0.0, help="block-wise stage Adam learning rate"),
+    backend: Optional[str] = typer.Option(None, help=f"one of {', '.join(BACKENDS)}; default: fastest available"),
     out: Path = typer.Option(Path("decoupleq-demo"), help="checkpoint folder"),
     overwrite: bool = typer.Option(False, help="start over instead of resuming"),
 ) -> None:
-    """The default model end to end: calibrate + run at W2 g64 (block-wise stage on), eval fp vs quantized."""
-    source = model_source(None)
+    """The README's main job: calibrate + run at W2 g64 (block-wise stage on), eval fp vs quantized."""
+    source = model_source(model)
     cfg = QuantConfig(bits=2, group_size=64)
+    backend_name = solver_for(backend)[1]
+    log(f"demo: {source.describe()}\n  run: W2 g64 decoupleq, {nsamples} calibration windows x {seqlen} tokens "
+        f"of {calib_text.name}, block-wise stage {block_epochs} epochs (lr {block_lr}), backend {backend_name}\n"
+        f"  eval: first {eval_tokens} tokens of {eval_text.name} in windows of {seqlen}; checkpoint {out}")
     t0 = time.perf_counter()
-    run_pipeline(source, calib_text, nsamples, seqlen, 0, cfg, None, block_epochs, 1e-5, out, overwrite)
+    config = run_pipeline(source, calib_text, nsamples, seqlen, 0, cfg, backend_name, block_epochs, block_lr, out,
+                          overwrite)
     t_run = time.perf_counter() - t0
-    r = eval_pipeline(source, out, eval_text, seqlen, eval_tokens)
     fp = eval_pipeline(source, None, eval_text, seqlen, eval_tokens)
-    typer.echo(f"SmolLM2-135M-Instruct, {r['tokens']} tokens of {eval_text.name} ({r['windows']} x {seqlen}):")
-    typer.echo(f"  float      perplexity {fp['perplexity']:.3f}")
-    typer.echo(f"  W2 g64     perplexity {r['perplexity']:.3f}   KL to float {r['kl']:.4f}   (checkpoint {out})")
+    r = eval_pipeline(source, out, eval_text, seqlen, eval_tokens)
+    stages = [s for s in config.get("blockwise", []) if "loss_before" in s]
+    typer.echo(f"{source.path.name}: perplexity on {r['tokens']} tokens of {eval_text.name} "
+               f"({r['windows']} windows x {seqlen})")
+    typer.echo(f"  float32          {fp['perplexity']:10.3f}")
+    typer.echo(f"  W2 g64 decoupleQ {r['perplexity']:10.3f}   KL to float {r['kl']:.4f}   (checkpoint {out})")
+    if stages:
+        before = sum(s["loss_before"] for s in stages)
+        after = sum(min(s["loss_before"], s["loss_after"]) for s in stages)
+        typer.echo(f"  block-wise stage: summed block output MSE {before:.4g} -> {after:.4g} "
+                   f"({sum(s['kept'] == 'trained' for s in stages)}/{len(stages)} blocks improved)")
     typer.echo(f"  time: run {t_run:.0f}s, total {time.perf_counter() - t0:.0f}s")

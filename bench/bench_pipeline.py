@@ -1,0 +1,147 @@
+"""SmolLM2-135M perplexity after quantization, per method and setting (BENCHMARKS.md §5).
+
+Every quantized model comes from `decoupleq run` (true-sequential: each block's H is captured on
+the outputs of the already-quantized prefix), so the methods differ only in the layer solver:
+
+    rtn            init only (H-scored min-max grid)        --method rtn      --block-epochs 0
+    gptq           init + GPTQ rounding                     --method gptq     --block-epochs 0
+    decoupleq      the alternation, layer-wise only         --method decoupleq --block-epochs 0
+    decoupleq+bw   the same + the block-wise stage          --method decoupleq --block-epochs E
+
+Calibration: random windows of wikitext-2 valid; evaluation: the first --eval-tokens tokens of
+wikitext-2-raw test in non-overlapping windows of --seqlen. Results go to --out-json after every
+run (a re-run skips what is there, and resumes an interrupted checkpoint), then a table and a PNG
+of perplexity vs bits per method.
+
+    .venv/bin/python bench/bench_pipeline.py --settings 2:64,4:-1 --png docs/pipeline_ppl.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from pathlib import Path
+
+from decoupleq_ref.cli_model import DEFAULT_CALIB_TEXT, DEFAULT_EVAL_TEXT, eval_pipeline, run_pipeline
+from decoupleq_ref.config import QuantConfig
+from decoupleq_ref.model.atomic import write_json
+from decoupleq_ref.model.source import resolve_model
+
+METHODS = ("rtn", "gptq", "decoupleq", "decoupleq+bw")
+
+
+def setting_name(bits: int, group_size: int) -> str:
+    return f"W{bits} " + ("pc" if group_size == -1 else f"g{group_size}")
+
+
+def parse_settings(text: str) -> list[tuple[int, int]]:
+    out = []
+    for item in text.split(","):
+        bits, _, gs = item.partition(":")
+        out.append((int(bits), int(gs or -1)))
+    return out
+
+
+def one_run(source, args, bits: int, group_size: int, method: str) -> dict:
+    """run → eval of one (setting, method); checkpoint under args.workdir (resumable)."""
+    solver_method = "decoupleq" if method == "decoupleq+bw" else method
+    epochs = args.block_epochs if method == "decoupleq+bw" else 0
+    out = args.workdir / f"w{bits}_g{group_size}_{method.replace('+', '_')}"
+    cfg = QuantConfig(bits=bits, group_size=group_size, method=solver_method)
+    t0 = time.perf_counter()
+    config = run_pipeline(source, args.calib_text, args.nsamples, args.seqlen, 0, cfg, args.backend, epochs,
+                          args.block_lr, out, overwrite=False)
+    t_run = time.perf_counter() - t0
+    r = eval_pipeline(source, out, args.eval_text, args.seqlen, args.eval_tokens)
+    stages = config.get("blockwise", [])
+    improved = sum(1 for s in stages if s.get("kept") == "trained")
+    return {"setting": setting_name(bits, group_size), "bits": bits, "group_size": group_size, "method": method,
+            "perplexity": r["perplexity"], "kl": r["kl"], "tokens": r["tokens"], "seqlen": r["seqlen"],
+            "run_seconds": t_run, "eval_seconds": time.perf_counter() - t0 - t_run, "backend": config["backend"],
+            "blocks_improved_by_bw": improved if epochs else None,
+            "layer_loss_total": sum(v["loss"] for v in config["layers"].values())}
+
+
+def table(results: dict) -> str:
+    fp = results.get("fp")
+    lines = [f"fp32 perplexity {fp['perplexity']:.3f} ({fp['tokens']} tokens, seqlen {fp['seqlen']})" if fp else "",
+             f"{'setting':<8} {'method':<13} {'ppl':>9} {'ppl/fp':>7} {'KL':>7} {'run s':>7}"]
+    for key, r in results.items():
+        if key == "fp":
+            continue
+        ratio = r["perplexity"] / fp["perplexity"] if fp else math.nan
+        lines.append(f"{r['setting']:<8} {r['method']:<13} {r['perplexity']:>9.3f} {ratio:>7.3f} {r['kl']:>7.4f} "
+                     f"{r['run_seconds']:>7.0f}")
+    return "\n".join(lines)
+
+
+def plot(results: dict, png: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, grouped in zip(axes, (False, True)):
+        for method in METHODS:
+            pts = sorted((r["bits"], r["perplexity"]) for k, r in results.items()
+                         if k != "fp" and r["method"] == method and (r["group_size"] != -1) == grouped)
+            if pts:
+                ax.plot(*zip(*pts), marker="o", label=method)
+        if "fp" in results:
+            ax.axhline(results["fp"]["perplexity"], color="k", ls="--", label="fp32")
+        ax.set_yscale("log")
+        ax.set_xlabel("bits")
+        ax.set_title("group size 64" if grouped else "per-channel")
+        ax.set_ylabel("wikitext-2 test perplexity")
+        ax.legend(fontsize=8)
+    fig.suptitle("SmolLM2-135M-Instruct (" + (f"{results['fp']['tokens']} tokens, seqlen {results['fp']['seqlen']})"
+                                              if "fp" in results else ")"))
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--settings", default="2:64,4:-1,2:-1,3:-1", help="bits:group_size list, in order")
+    p.add_argument("--methods", default=",".join(METHODS))
+    p.add_argument("--model", default=None, help="default: the bundled SmolLM2-135M-Instruct")
+    p.add_argument("--calib-text", type=Path, default=DEFAULT_CALIB_TEXT)
+    p.add_argument("--eval-text", type=Path, default=DEFAULT_EVAL_TEXT)
+    p.add_argument("--nsamples", type=int, default=32)
+    p.add_argument("--seqlen", type=int, default=512)
+    p.add_argument("--eval-tokens", type=int, default=8192)
+    p.add_argument("--block-epochs", type=int, default=4)
+    p.add_argument("--block-lr", type=float, default=1e-5)
+    p.add_argument("--backend", default=None)
+    p.add_argument("--workdir", type=Path, default=Path("/tmp/bench_pipeline"))
+    p.add_argument("--out-json", type=Path, default=Path("/tmp/bench_pipeline/results.json"))
+    p.add_argument("--png", type=Path, default=None)
+    args = p.parse_args()
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    source = resolve_model(args.model)
+    results = json.loads(args.out_json.read_text()) if args.out_json.exists() else {}
+    if "fp" not in results:
+        t0 = time.perf_counter()
+        r = eval_pipeline(source, None, args.eval_text, args.seqlen, args.eval_tokens)
+        results["fp"] = {**r, "eval_seconds": time.perf_counter() - t0}
+        write_json(args.out_json, results)
+    print(table(results), flush=True)
+    for bits, gs in parse_settings(args.settings):
+        for method in args.methods.split(","):
+            key = f"{setting_name(bits, gs)} {method}"
+            if key in results:
+                continue
+            results[key] = one_run(source, args, bits, gs, method)
+            write_json(args.out_json, results)
+            print(table(results).splitlines()[-1], flush=True)
+    print(table(results))
+    if args.png:
+        plot(results, args.png)
+        print(f"wrote {args.png}")
+
+
+if __name__ == "__main__":
+    main()

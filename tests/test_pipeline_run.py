@@ -1,0 +1,86 @@
+"""`decoupleq run` (true-sequential + block-wise stage), `eval --json` and `demo` on a tiny
+random Llama built from a config; resume after an interruption gives the same bytes."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("torch")
+pytest.importorskip("transformers")
+
+from decoupleq_ref.cli import app  # noqa: E402
+from decoupleq_ref.model.checkpoint import CONFIG_NAME, PARTIAL, read_checkpoint  # noqa: E402
+from decoupleq_ref.model.tiny import save_tiny  # noqa: E402
+from test_pipeline import Interrupt, cli, flat, interrupting_solver, runner, text, tree_bytes  # noqa: E402,F401
+
+RUN = ("--nsamples", "4", "--seqlen", "32", "--bits", "2", "--group-size", "32", "--backend", "numpy")
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory) -> Path:
+    return save_tiny(tmp_path_factory.mktemp("tiny") / "llama", "llama", seed=1)
+
+
+def test_run_blockwise_eval(llama, text, tmp_path):
+    """The block-wise stage reports its loss before/after per block and never keeps a worse
+    state; the checkpoint reloads and evaluates (JSON keys), KL to float is small and positive."""
+    cli("run", llama, "--text", text, *RUN, "--block-epochs", "2", "--block-lr", "1e-4", "--out", tmp_path / "q")
+    config, layers = read_checkpoint(tmp_path / "q")
+    assert len(layers) == 14 and config["command"] == "run"
+    stages = config["blockwise"]
+    assert [s["block"] for s in stages] == [0, 1]
+    for s in stages:
+        assert s["steps"] == 2 * 4 and s["loss_before"] > 0
+        assert (s["kept"] == "trained") == (s["loss_after"] < s["loss_before"])
+    assert any(s["kept"] == "trained" for s in stages)
+    res = cli("eval", llama, "--quantized", tmp_path / "q", "--text", text, "--seqlen", "32", "--max-tokens",
+              "256", "--json")
+    r = json.loads(res.stdout.strip().splitlines()[-1])
+    assert r["tokens"] == 8 * 31 and r["seqlen"] == 32 and r["windows"] == 8
+    assert 0 < r["kl"] < 0.5 and np.isfinite(r["perplexity"])
+    fp = json.loads(cli("eval", llama, "--text", text, "--seqlen", "32", "--max-tokens", "256", "--json")
+                    .stdout.strip().splitlines()[-1])
+    assert "kl" not in fp and fp["tokens"] == r["tokens"] and fp["perplexity"] != r["perplexity"]
+
+
+def test_run_resume_is_byte_identical(llama, text, tmp_path, monkeypatch):
+    """Killed in block 1 (after 9 of 14 layer solves), the same command completes a checkpoint
+    byte-identical to an uninterrupted run's, block-wise training included."""
+    import decoupleq_ref.cli_model as cm
+
+    args = ("run", llama, "--text", text, *RUN, "--block-epochs", "1", "--block-lr", "1e-4")
+    cli(*args, "--out", tmp_path / "ref")
+    with monkeypatch.context() as m:
+        m.setattr(cm, "get_solver", lambda name=None: interrupting_solver(9))
+        with pytest.raises(Interrupt):
+            runner.invoke(app, [str(a) for a in (*args, "--out", tmp_path / "cut")], catch_exceptions=False)
+    assert not (tmp_path / "cut" / CONFIG_NAME).exists()
+    assert [p.name for p in (tmp_path / "cut" / PARTIAL).glob("*.safetensors")] == ["block.0000.safetensors"]
+    cli(*args, "--out", tmp_path / "cut")
+    assert tree_bytes(tmp_path / "cut") == tree_bytes(tmp_path / "ref")
+
+
+def test_run_needs_a_decoder_and_a_long_enough_text(text, tmp_path):
+    gpt2 = save_tiny(tmp_path / "gpt2", "gpt2")
+    res = cli("run", gpt2, "--text", text, *RUN, "--out", tmp_path / "q", ok=False)
+    assert res.exit_code == 2 and "Llama-family decoder" in flat(res.output)
+    llama = save_tiny(tmp_path / "llama", "llama")
+    short = tmp_path / "short.txt"
+    short.write_text("a b c")
+    for command in (("run", llama, "--text", short, *RUN), ("eval", llama, "--text", short, "--seqlen", "32")):
+        res = cli(*command, "--out", tmp_path / "q", ok=False) if command[0] == "run" else cli(*command, ok=False)
+        assert res.exit_code == 2 and "shorter than one window" in flat(res.output)
+    assert not (tmp_path / "q" / CONFIG_NAME).exists()
+
+
+def test_demo_on_a_given_model(llama, text, tmp_path):
+    """`demo MODEL` runs the whole job (W2 g64 needs in % 64 == 0: the tiny model has 64/128)."""
+    res = cli("demo", llama, "--calib-text", text, "--eval-text", text, "--nsamples", "2", "--seqlen", "32",
+              "--eval-tokens", "128", "--block-epochs", "1", "--backend", "numpy", "--out", tmp_path / "demo")
+    out = flat(res.output)
+    assert "float32" in out and "W2 g64 decoupleQ" in out and "KL to float" in out and "block-wise stage" in out
+    assert read_checkpoint(tmp_path / "demo")[0]["group_size"] == 64
