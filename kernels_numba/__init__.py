@@ -10,6 +10,8 @@ the install command). Kernels are compiled on first call and cached on disk (``c
 """
 
 from ._compat import available
+from .matmul import dequantize, packed_matmul
+from .packing import pack, unpack
 from .solver import OPS, quantize_layer
 
-__all__ = ["OPS", "available", "quantize_layer"]
+__all__ = ["OPS", "available", "dequantize", "pack", "packed_matmul", "quantize_layer", "unpack"]

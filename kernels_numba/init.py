@@ -26,16 +26,14 @@ from __future__ import annotations
 
 import numpy as np
 
-from decoupleq_ref.init import (minmax_range, minmax_scale_zero, placement_candidates,  # O(out·G) glue
-                                shrink_factors)
+from decoupleq_ref.init import minmax_range, minmax_scale_zero, shrink_factors  # O(out·G) glue
 
 from ._blas import matmul
 from ._compat import njit, prange, require
 from ._products import wh
-from .objective import proposal_losses, residual_rows, row_chunk
+from .objective import residual_rows, row_chunk
 
-__all__ = ["init_scale_zero", "minmax_range", "minmax_scale_zero", "placement_starts", "quantize_rtn",
-           "shrink_factors"]
+__all__ = ["init_scale_zero", "minmax_range", "minmax_scale_zero", "quantize_rtn", "shrink_factors"]
 
 PANEL = 64  # columns of H per panel: 64·in·8 bytes = 2 MiB for in = 4096
 
@@ -252,21 +250,3 @@ def init_scale_zero(W: np.ndarray, H: np.ndarray, bits: int, group_size: int, sy
     p = ps[kbest][:, None]
     scale, zero = minmax_scale_zero(p * xmin, p * xmax, bits, symmetric)
     return scale, zero, loss
-
-
-def placement_starts(W: np.ndarray, H: np.ndarray, bits: int, group_size: int, symmetric: bool,
-                     n: int) -> list[tuple[np.ndarray, np.ndarray]]:
-    """The n best placement candidates per row (mirrors decoupleq_ref.init.placement_starts),
-    each candidate scored with the compiled RTN, float step and objective."""
-    from .float_step import closed_form_scale_zero  # float_step imports this module
-
-    cands = placement_candidates(*minmax_range(W, group_size, symmetric), bits, symmetric)
-    scores = np.empty((len(cands), W.shape[0]))
-    for k, (s, z) in enumerate(cands):
-        q = quantize_rtn(W, s, z, bits)
-        s_fit, z_fit = closed_form_scale_zero(q, W, H, bits, group_size, symmetric, s)
-        scores[k] = np.minimum(proposal_losses(W, q, s, z, H), proposal_losses(W, q, s_fit, z_fit, H))
-    rank = np.argsort(scores, axis=0, kind="stable")[: min(n, len(cands))]  # (n, out): k-th best per row
-    every_row = np.arange(W.shape[0])
-    S, Z = np.stack([c[0] for c in cands]), np.stack([c[1] for c in cands])
-    return [(S[best, every_row], Z[best, every_row]) for best in rank]
