@@ -7,7 +7,13 @@ wrapper around the reference must pass the whole stored suite.
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -19,6 +25,8 @@ from validate.adapters import convention_alias, from_native, reference_impl, to_
 from validate.check import Policy, check_result
 from validate.conformance import load_suite, run_suite
 from validate.report import FAIL, HINT, PASS, Report
+
+ROOT = Path(__file__).resolve().parents[1]
 
 # ----------------------------------------------------------------------------- implementations
 
@@ -264,3 +272,61 @@ def test_cli_validate_passes_and_fails(tmp_path):
     assert r.exit_code == 0, r.output
     r = runner.invoke(app, ["validate", "--impl", "no_such_module:fn"])
     assert r.exit_code == 2 and "--impl" in r.output
+
+
+# ----------------------------------------------------------------------------- backends
+
+
+def test_compare_measures_agreement_and_disagreement(suite):
+    from validate.compare import compare
+
+    cases = suite.select(names=["tiny_a_b2_g8", "ragged_13x40_g8", "combo_b2_g16_hp4"])
+    same = compare("reference", "numpy", cases)
+    assert same.ok and same.summary()["min_agreement"] == 1.0, same.table()
+
+    def rtn(W, H, cfg):
+        return dq.quantize_layer(W, H, dq.QuantConfig(**{**cfg.to_dict(), "method": "rtn"}))
+
+    worse = compare("reference", rtn, cases)
+    assert not worse.ok and all(c.loss_ratio > 1 for c in worse.cases), worse.table()
+    with pytest.raises(ValueError, match="backend"):
+        compare("reference", "no_such_backend", cases)
+
+
+def test_numba_backend_passes_the_suite_and_agrees(suite):
+    from validate.adapters import solver_impl
+    from validate.compare import backend_status, compare, get_backend
+
+    ok, why = backend_status("numba")
+    if not ok:
+        pytest.skip(f"numba backend not usable here: {why}")
+    sub = suite.select(tags=["tiny", "hp", "ragged", "adversarial"])
+    rep = run_suite(solver_impl(get_backend("numba")), sub, level="reference")
+    assert rep.ok, rep.table()
+    cmp = compare("reference", "numba", sub.select(tags=["hp", "ragged"]))
+    assert cmp.ok, cmp.table()
+
+
+@pytest.mark.skipif(importlib.util.find_spec("numba_cuda") is None,
+                    reason='numba-cuda is not installed: pip install -e ".[cuda]" to run gpu in the simulator')
+def test_cuda_backend_agrees_in_the_simulator(suite):
+    """gpu.quantize_layer under NUMBA_ENABLE_CUDASIM=1 (own interpreter: the simulator replaces
+    numba.cuda process-wide) on three tiny suite layers, one with the fp16 branch; grid=10 keeps
+    the simulated init search short (a 7x24 layer takes ~90 s in the simulator)."""
+    script = textwrap.dedent("""
+        import dataclasses, gpu
+        from validate.compare import compare
+        from validate.conformance import load_suite
+        s = load_suite()
+        tiny = {"tiny_a_b2": {}, "tiny_b3_sym": {}, "tiny_rows_b2": {"hp_channels": 2}}
+        cases = [(c.name, c.W, c.H, dataclasses.replace(c.config, grid=10, iters=1, **tiny[c.name]))
+                 for c in s.select(where=lambda c: c.name in tiny)]
+        cmp = compare("reference", gpu.quantize_layer, cases)
+        print(cmp.table())
+        assert cmp.ok and len(cmp.cases) == 3
+        print("ALL OK")
+    """)
+    env = dict(os.environ, NUMBA_ENABLE_CUDASIM="1")
+    proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=900)
+    assert proc.returncode == 0 and "ALL OK" in proc.stdout, proc.stdout[-4000:] + proc.stderr[-3000:]

@@ -178,9 +178,9 @@ def _iter_cases(cases: Any) -> Iterable[tuple[str, np.ndarray, np.ndarray, Quant
         if isinstance(c, Case):
             yield c.name, c.W, c.H, c.config
         else:
-            W, H, cfg = c
+            name, (W, H, cfg) = (c[0], c[1:]) if len(c) == 4 else (f"case{k}", c)
             cfg = cfg if isinstance(cfg, QuantConfig) else QuantConfig.from_dict(dict(cfg))
-            yield f"case{k}", np.asarray(W, dtype=np.float64), np.asarray(H, dtype=np.float64), cfg
+            yield name, np.asarray(W, dtype=np.float64), np.asarray(H, dtype=np.float64), cfg
 
 
 def _rel_max(d: np.ndarray, ref: float) -> float:
@@ -235,7 +235,8 @@ def compare(backend_a: str | Solver, backend_b: str | Solver, cases: Any = "defa
             tolerance: Agreement | None = None, **kw: float) -> Comparison:
     """Run two backends on the same cases and measure their agreement (see module doc).
 
-    cases: a suite name / Suite, a list of conformance Cases, or (W, H, config) tuples.
+    cases: a suite name / Suite, a list of conformance Cases, or (W, H, config) or
+    (name, W, H, config) tuples.
     Keyword arguments override fields of ``Agreement`` (min_agreement=..., loss_rtol=...)."""
     tol = tolerance or Agreement()
     if kw:
