@@ -85,3 +85,30 @@ def validate_cmd(
         write_json_atomic(json_out, rep.to_dict())
         typer.echo(f"report written to {json_out}")
     raise typer.Exit(0 if rep.ok else 1)
+
+
+@app.command("validate-checkpoint")
+def validate_checkpoint_cmd(
+    path: Path = typer.Argument(..., help="this project's checkpoint directory, an official output directory "
+                                "(fake_quant.pth + true_quant.pth), or an official true_quant.pth"),
+    fake: Optional[Path] = typer.Option(None, help="fake-quant state dict to compare with (.pth/.pt/.bin via "
+                                        "torch.load(weights_only=True), or .safetensors); required for a true_quant file"),
+    bits: Optional[int] = typer.Option(None, min=1, max=8, help="official format: also check codes lie in the "
+                                       "signed b-bit range"),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="also write the report here"),
+) -> None:
+    """Dequantize every packed layer and compare it with the fake-quant weights; lists the layers
+    that differ and by how much. Non-zero exit if any layer differs or is malformed."""
+    from validate.checkpoint import validate_checkpoint
+
+    if fake is not None and not fake.is_file():
+        raise typer.BadParameter(f"{fake} is not a file", param_hint="--fake")
+    try:
+        rep = validate_checkpoint(path, fake, bits)
+    except ValueError as e:
+        hint = str(e).split(":", 1)[0]
+        raise typer.BadParameter(str(e), param_hint="--fake" if hint == "fake" else "PATH") from None
+    typer.echo(rep.table())
+    if json_out is not None:
+        write_json_atomic(json_out, rep.to_dict())
+    raise typer.Exit(0 if rep.ok else 1)
