@@ -6,6 +6,7 @@ them, never at import time: ``decoupleq quantize`` runs without torch.
 
 from __future__ import annotations
 
+import copy
 import errno
 import functools
 import json
@@ -68,10 +69,10 @@ def quant_config(bits: int, group_size: int, method: str, iters: int, hp_channel
         raise ValueError(f"--{field}: {str(e).split(':', 1)[1].strip()}") from None
 
 
-def text_windows(tokenizer, text: Path, nsamples: int, seqlen: int, seed: int):
+def text_windows(tokenizer, text: Path, nsamples: int, seqlen: int, seed: int, option: str = "--text"):
     from .model.text import random_windows, token_ids
 
-    return random_windows(token_ids(tokenizer, text), nsamples, seqlen, seed)
+    return random_windows(token_ids(tokenizer, text, option), nsamples, seqlen, seed)
 
 
 @app.command("calibrate")
@@ -129,7 +130,8 @@ def quantize_cmd(
 
 
 def run_pipeline(source: ModelSource, text: Path, nsamples: int, seqlen: int, seed: int, cfg: QuantConfig,
-                 backend: Optional[str], block_epochs: int, block_lr: float, out: Path, overwrite: bool) -> dict:
+                 backend: Optional[str], block_epochs: int, block_lr: float, out: Path, overwrite: bool,
+                 text_option: str = "--text") -> dict:
     """calibration windows → sequential quantization with the block-wise stage → checkpoint."""
     from .model.checkpoint import CheckpointWriter
     from .model.quantize import checkpoint_header
@@ -141,7 +143,7 @@ def run_pipeline(source: ModelSource, text: Path, nsamples: int, seqlen: int, se
         raise ValueError("--block-epochs/--block-lr: must be >= 0 (0 turns the block-wise stage off)")
     solve, backend_name = solver_for(backend)
     net, tokenizer = load_model(source, causal=True)
-    windows = text_windows(tokenizer, text, nsamples, seqlen, seed)
+    windows = text_windows(tokenizer, text, nsamples, seqlen, seed, text_option)
     calibration = {"text_sha256": text_sha256(text), "nsamples": nsamples, "seqlen": seqlen, "seed": seed}
     header = checkpoint_header("run", source, cfg, backend_name, calibration)
     header["blockwise_settings"] = {"epochs": block_epochs, "lr": block_lr}
@@ -176,18 +178,18 @@ def run_cmd(
 
 
 def eval_pipeline(source: ModelSource, quantized: Optional[Path], text: Path, seqlen: int,
-                  max_tokens: Optional[int]) -> dict:
+                  max_tokens: Optional[int], text_option: str = "--text") -> dict:
     """Perplexity of the float model, or of the checkpoint with its KL divergence to the float model."""
     from .model.evaluate import evaluate
     from .model.text import consecutive_windows, token_ids
     from .model.torch_model import load_model, load_quantized
 
     fp, tokenizer = load_model(source, causal=True)
-    windows = consecutive_windows(token_ids(tokenizer, text), seqlen, max_tokens)
+    windows = consecutive_windows(token_ids(tokenizer, text, text_option), seqlen, max_tokens)
     result = {"model": source.describe(), "text": str(text)}
     if quantized is None:
         return {**result, **evaluate(fp, windows)}
-    q, _ = load_model(source, causal=True)
+    q = copy.deepcopy(fp)  # one load (slow for GGUF); every quantized tensor is then overwritten
     config = load_quantized(q, quantized)
     return {**result, "quantized": str(quantized), "bits": config["bits"], "group_size": config["group_size"],
             "method": config["method"], **evaluate(q, windows, reference=fp)}
@@ -210,7 +212,7 @@ def eval_cmd(
     if json_out:
         typer.echo(json.dumps(r))
         return
-    kl = f"   KL to float {r['kl']:.4f}" if "kl" in r else ""
+    kl = f"   KL to float {r['kl']:.4f} (float perplexity {r['reference_perplexity']:.3f})" if "kl" in r else ""
     typer.echo(f"perplexity {r['perplexity']:.3f}{kl}   ({r['tokens']} tokens, {r['windows']} x {r['seqlen']})")
 
 
@@ -237,15 +239,16 @@ def demo_cmd(
         f"of {calib_text.name}, block-wise stage {block_epochs} epochs (lr {block_lr}), backend {backend_name}\n"
         f"  eval: first {eval_tokens} tokens of {eval_text.name} in windows of {seqlen}; checkpoint {out}")
     t0 = time.perf_counter()
+    if not eval_text.is_file():  # fail before the long run, not after it
+        raise ValueError(f"--eval-text: {eval_text} is not a file; pass a plain-text file")
     config = run_pipeline(source, calib_text, nsamples, seqlen, 0, cfg, backend_name, block_epochs, block_lr, out,
-                          overwrite)
+                          overwrite, "--calib-text")
     t_run = time.perf_counter() - t0
-    fp = eval_pipeline(source, None, eval_text, seqlen, eval_tokens)
-    r = eval_pipeline(source, out, eval_text, seqlen, eval_tokens)
+    r = eval_pipeline(source, out, eval_text, seqlen, eval_tokens, "--eval-text")
     stages = [s for s in config.get("blockwise", []) if "loss_before" in s]
     typer.echo(f"{source.path.name}: perplexity on {r['tokens']} tokens of {eval_text.name} "
                f"({r['windows']} windows x {seqlen})")
-    typer.echo(f"  float32          {fp['perplexity']:10.3f}")
+    typer.echo(f"  float32          {r['reference_perplexity']:10.3f}")
     typer.echo(f"  W2 g64 decoupleQ {r['perplexity']:10.3f}   KL to float {r['kl']:.4f}   (checkpoint {out})")
     if stages:
         before = sum(s["loss_before"] for s in stages)

@@ -198,7 +198,11 @@ def test_clear_errors(tiny, text, tmp_path):
     """Bad input → exit 2 with a message naming the argument; nothing left looking complete."""
     short = tmp_path / "short.txt"
     short.write_text("too short")
+    alien = tmp_path / "alien"
+    alien.mkdir()
+    (alien / "config.json").write_text(json.dumps({"model_type": "no-such-architecture"}))
     cases = [
+        (("calibrate", alien, "--text", text, "--out", tmp_path / "s"), "unsupported"),
         (("calibrate", tmp_path / "nope", "--text", text, "--out", tmp_path / "s"), "does not exist"),
         (("calibrate", short, "--text", text, "--out", tmp_path / "s"), "not a .gguf"),
         (("calibrate", tmp_path, "--text", text, "--out", tmp_path / "s"), "no config.json"),

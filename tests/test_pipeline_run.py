@@ -45,6 +45,7 @@ def test_run_blockwise_eval(llama, text, tmp_path):
     fp = json.loads(cli("eval", llama, "--text", text, "--seqlen", "32", "--max-tokens", "256", "--json")
                     .stdout.strip().splitlines()[-1])
     assert "kl" not in fp and fp["tokens"] == r["tokens"] and fp["perplexity"] != r["perplexity"]
+    assert np.isclose(fp["perplexity"], r["reference_perplexity"], rtol=1e-6)
 
 
 def test_run_resume_is_byte_identical(llama, text, tmp_path, monkeypatch):

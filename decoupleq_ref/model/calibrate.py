@@ -11,12 +11,21 @@ from .stats import CalibrationStats
 from .torch_model import find_linears, is_conv1d
 
 
-class HessianHooks:
-    """Forward hooks summing XᵀX (float64) and counting tokens of each layer's input."""
+class StopForward(Exception):
+    """Raised from a hook to end a forward pass early, once everything needed was seen."""
 
-    def __init__(self, layers: dict[str, nn.Module]) -> None:
+
+class HessianHooks:
+    """Forward hooks summing XᵀX (float64) and counting tokens of each layer's input.
+
+    ``stop_when_done``: raise StopForward as soon as every hooked layer has seen the current
+    input, so the rest of the forward pass (not needed for H) is skipped."""
+
+    def __init__(self, layers: dict[str, nn.Module], stop_when_done: bool = False) -> None:
         self.sums: dict[str, torch.Tensor] = {}
         self.tokens: dict[str, int] = {}
+        self.stop_when_done, self.names = stop_when_done, frozenset(layers)
+        self.pending = set(self.names)
         self.handles = [m.register_forward_hook(self._hook(n)) for n, m in layers.items()]
 
     def _hook(self, name: str):
@@ -24,6 +33,11 @@ class HessianHooks:
             x = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).to(torch.float64)
             self.sums[name] = self.sums.get(name, 0) + x.T @ x
             self.tokens[name] = self.tokens.get(name, 0) + x.shape[0]
+            if self.stop_when_done:
+                self.pending.discard(name)
+                if not self.pending:
+                    self.pending = set(self.names)
+                    raise StopForward
         return hook
 
     def hessians(self) -> dict[str, np.ndarray]:

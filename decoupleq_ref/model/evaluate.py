@@ -24,8 +24,9 @@ def window_log_probs(model: nn.Module, window: np.ndarray) -> torch.Tensor:
 
 def evaluate(model: nn.Module, windows: np.ndarray, reference: nn.Module | None = None) -> dict:
     """Perplexity of ``model`` on ``windows`` (n, seqlen); with ``reference``, also the mean KL
-    divergence from the reference's next-token distribution to the model's."""
-    nll = kl = 0.0
+    divergence from the reference's next-token distribution to the model's and the reference's
+    own perplexity (same windows, computed from the same log-probabilities)."""
+    nll = kl = ref_nll = 0.0
     tokens = 0
     with torch.inference_mode(), progress_bar("eval", len(windows)) as advance:
         for w in windows:
@@ -35,10 +36,12 @@ def evaluate(model: nn.Module, windows: np.ndarray, reference: nn.Module | None 
             if reference is not None:
                 ref = window_log_probs(reference, w)
                 kl += float((ref.exp() * (ref - logp)).sum().double())
+                ref_nll += float(F.nll_loss(ref, target, reduction="sum").double())
             tokens += len(target)
             advance(note=f"ppl {math.exp(nll / tokens):.3f}")
     out = {"perplexity": math.exp(nll / tokens), "nll": nll / tokens, "tokens": tokens,
            "windows": int(len(windows)), "seqlen": int(windows.shape[1])}
     if reference is not None:
         out["kl"] = kl / tokens
+        out["reference_perplexity"] = math.exp(ref_nll / tokens)
     return out

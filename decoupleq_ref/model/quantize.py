@@ -13,6 +13,7 @@ from .. import __version__
 from ..backends import Solver
 from ..config import QuantConfig
 from .checkpoint import CheckpointWriter, is_complete, checkpoint_config, stored_layer
+from .executor import EXECUTORS, LayerOutcome, LayerTask, run_tasks
 from .progress import log, progress_bar
 from .source import ModelSource
 from .stats import CalibrationStats, layer_weight
@@ -27,33 +28,47 @@ def checkpoint_header(command: str, source: ModelSource, cfg: QuantConfig, backe
 
 
 def quantize_model(source: ModelSource, stats: CalibrationStats, cfg: QuantConfig, solve: Solver, backend: str,
-                   out: Path, overwrite: bool = False) -> dict:
+                   out: Path, overwrite: bool = False, *, stats_dir: Path | None = None, executor: str = "local",
+                   workers: int = 1, ray_address: str | None = None) -> dict:
     """Solve every layer of ``stats`` on the model's weights; write the checkpoint to ``out``.
-    Returns the checkpoint config (per-layer losses included)."""
+    Returns the checkpoint config (per-layer losses included).
+
+    ``executor``/``workers``/``ray_address`` choose where the solves run (executor.py): with
+    ``stats_dir`` given, ``local`` with workers > 1 and ``ray`` send one task per layer that reads
+    its own W and H; otherwise layers are solved here with ``solve``. Either way each finished
+    layer is committed at once, and the checkpoint does not depend on the executor."""
     header = checkpoint_header("quantize", source, cfg, backend, stats.info)
     if is_complete(out) and not overwrite:
         config = checkpoint_config(out)
         if {k: config.get(k) for k in header} == header:
             log(f"{out} is already a finished checkpoint of this command; nothing to do")
             return config
+    if executor not in EXECUTORS:
+        raise ValueError(f"--executor: unknown executor {executor!r}; choose one of {EXECUTORS}")
     writer = CheckpointWriter(out, header, overwrite)
     weights = read_weights(source)
     names = list(stats.layers)
     Ws = {n: layer_weight(weights, n, stats.layers[n]) for n in names}  # check all before solving
-    layers: dict[str, dict] = {}
+    todo = [n for n in names if not writer.done(n)]
+    if stats_dir is not None and (executor == "ray" or workers > 1):
+        tasks = [LayerTask(n, str(source.path), str(stats_dir), stats.layers[n], cfg.to_dict(), backend) for n in todo]
+        outcomes = run_tasks(tasks, executor, workers, ray_address)
+    else:
+        outcomes = (solve_here(n, Ws[n], stats, cfg, solve) for n in todo)
     with progress_bar("quantize", len(names)) as advance:
-        for name in names:
-            if not writer.done(name):
-                t0 = time.perf_counter()
-                res = solve(Ws[name].astype("float64"), stats.hessians[name], cfg)
-                tensors, info = stored_layer(name, res, Ws[name].astype("float64"), stats.hessians[name],
-                                             bool(stats.layers[name].get("transposed")))
-                writer.commit(name, tensors, info)
-                note = f"{name}: loss {info['loss']:.4g} in {time.perf_counter() - t0:.1f}s"
-            else:
-                note = f"{name}: resumed"
-            layers[name] = writer.load(name)[1]
-            advance(note=note)
+        advance(len(names) - len(todo), note=f"{len(names) - len(todo)} layers resumed" if len(todo) < len(names) else "")
+        for o in outcomes:
+            writer.commit(o.name, o.tensors, o.info)
+            advance(note=f"{o.name}: loss {o.info['loss']:.4g} in {o.seconds:.1f}s")
+    layers = {n: writer.load(n)[1] for n in names}
     quantized = {f"{n}.weight" for n in names}
     other = {k: v for k, v in weights.items() if k not in quantized}
     return writer.finalize(names, other, layers)
+
+
+def solve_here(name: str, W, stats: CalibrationStats, cfg: QuantConfig, solve: Solver) -> LayerOutcome:
+    """One layer solved in this process from arrays already in memory."""
+    t0 = time.perf_counter()
+    W64, H = W.astype("float64"), stats.hessians[name]
+    tensors, info = stored_layer(name, solve(W64, H, cfg), W64, H, bool(stats.layers[name].get("transposed")))
+    return LayerOutcome(name, tensors, info, time.perf_counter() - t0, "driver")

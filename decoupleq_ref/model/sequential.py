@@ -24,7 +24,7 @@ from ..backends import Solver
 from ..config import QuantConfig
 from ..objective import layer_loss
 from .blockwise import call_block, norm_parameters, train_block
-from .calibrate import HessianHooks
+from .calibrate import HessianHooks, StopForward
 from .checkpoint import CheckpointWriter, dequantized_weight, packed_layer, stored_layer
 from .progress import log, progress_bar
 from .torch_model import find_linears, layer_matrix, set_layer_matrix
@@ -32,10 +32,6 @@ from .torch_model import find_linears, layer_matrix, set_layer_matrix
 #: Official true-sequential order within a Llama block; names not listed form a last group.
 LLAMA_GROUPS = (("self_attn.k_proj", "self_attn.v_proj", "self_attn.q_proj"), ("self_attn.o_proj",),
                 ("mlp.up_proj", "mlp.gate_proj"), ("mlp.down_proj",))
-
-
-class _Stop(Exception):
-    pass
 
 
 def decoder_blocks(model: nn.Module) -> nn.ModuleList:
@@ -53,7 +49,7 @@ def block_inputs(model: nn.Module, windows: np.ndarray) -> tuple[torch.Tensor, d
 
     def grab(module: nn.Module, args: tuple, kwargs: dict) -> None:
         captured.append((args[0] if args else kwargs.pop("hidden_states"), kwargs))
-        raise _Stop
+        raise StopForward
 
     handle = decoder_blocks(model)[0].register_forward_pre_hook(grab, with_kwargs=True)
     try:
@@ -61,7 +57,7 @@ def block_inputs(model: nn.Module, windows: np.ndarray) -> tuple[torch.Tensor, d
             for w in windows:
                 try:
                     model(input_ids=torch.from_numpy(w)[None], use_cache=False)
-                except _Stop:
+                except StopForward:
                     pass
     finally:
         handle.remove()
@@ -69,9 +65,16 @@ def block_inputs(model: nn.Module, windows: np.ndarray) -> tuple[torch.Tensor, d
     return torch.cat([c[0] for c in captured]), kwargs
 
 
-def forward_block(block: nn.Module, X: torch.Tensor, kwargs: dict, batch: int = 8) -> torch.Tensor:
+def forward_block(block: nn.Module, X: torch.Tensor, kwargs: dict, batch: int = 8) -> torch.Tensor | None:
+    """block(X) in batches of windows, no grad; None when a hook ended the passes early."""
+    outs = []
     with torch.no_grad():
-        return torch.cat([call_block(block, X[i:i + batch], kwargs) for i in range(0, len(X), batch)])
+        for i in range(0, len(X), batch):
+            try:
+                outs.append(call_block(block, X[i:i + batch], kwargs))
+            except StopForward:
+                pass
+    return torch.cat(outs) if len(outs) * batch >= len(X) else None
 
 
 def linear_groups(names: list[str]) -> list[list[str]]:
@@ -99,19 +102,23 @@ def apply_unit(block: nn.Module, prefix: str, tensors: dict[str, np.ndarray], in
 def quantize_block(block: nn.Module, prefix: str, X: torch.Tensor, kwargs: dict, cfg: QuantConfig, solve: Solver,
                    epochs: int, lr: float, seed: int) -> tuple[dict[str, np.ndarray], dict]:
     """Steps 2-4 for one block: returns the unit's tensors and info (per-layer losses on their H)."""
-    Y = forward_block(block, X, kwargs)
     linears = find_linears(block)
+    Y = None
     tensors: dict[str, np.ndarray] = {}
     layers: dict[str, dict] = {}
     hessians: dict[str, np.ndarray] = {}
     quant: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
     weights: dict[str, np.ndarray] = {}
-    for group in linear_groups(list(linears)):
-        hooks = HessianHooks({n: linears[n] for n in group})
+    for g, group in enumerate(linear_groups(list(linears))):
+        # the first group's pass runs the float block: its outputs are the block-wise target Y;
+        # other passes stop once the group's inputs are captured
+        want_y = g == 0 and epochs > 0
+        hooks = HessianHooks({n: linears[n] for n in group}, stop_when_done=not want_y)
         try:
-            forward_block(block, X, kwargs)
+            out = forward_block(block, X, kwargs)
         finally:
             hooks.remove()
+        Y = out if want_y else Y
         for name, H in hooks.hessians().items():
             W = layer_matrix(linears[name])
             res = solve(W, H, cfg)
@@ -123,6 +130,8 @@ def quantize_block(block: nn.Module, prefix: str, X: torch.Tensor, kwargs: dict,
             set_layer_matrix(linears[name], dequantized_weight(t, prefix + name, info, cfg.bits, cfg.group_size))
     stage = {"epochs": epochs}
     if epochs > 0:
+        if Y is None:  # a block without linears
+            Y = forward_block(block, X, kwargs)
         r = train_block(block, quant, X, Y, kwargs, epochs, lr, seed)
         for name in quant:
             tensors[f"{prefix}{name}.scales"], tensors[f"{prefix}{name}.zeros"] = r.scales[name], r.zeros[name]

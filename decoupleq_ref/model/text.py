@@ -12,11 +12,11 @@ def text_sha256(path: Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
-def token_ids(tokenizer: object, path: Path) -> np.ndarray:
-    """The whole file tokenized without special tokens, int64."""
+def token_ids(tokenizer: object, path: Path, option: str = "--text") -> np.ndarray:
+    """The whole file tokenized without special tokens, int64 (``option`` names it in errors)."""
     path = Path(path)
     if not path.is_file():
-        raise ValueError(f"--text: {path} is not a file; pass a plain-text file (e.g. wikitext-2 valid.txt)")
+        raise ValueError(f"{option}: {path} is not a file; pass a plain-text file (e.g. wikitext-2 valid.txt)")
     text = path.read_text(encoding="utf-8", errors="replace")
     return np.asarray(tokenizer(text, add_special_tokens=False).input_ids, dtype=np.int64)
 

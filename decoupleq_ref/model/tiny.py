@@ -30,9 +30,9 @@ def save_tiny(folder: Path, arch: str = "llama", seed: int = 0, **overrides) -> 
 
     torch.manual_seed(seed)
     if arch == "llama":
-        cfg = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                          tie_word_embeddings=True, **overrides)
+        cfg = LlamaConfig(**{**dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                                    tie_word_embeddings=True), **overrides})
         model = LlamaForCausalLM(cfg)
     elif arch == "gpt2":
         model = GPT2LMHeadModel(GPT2Config(vocab_size=256, n_embd=64, n_layer=2, n_head=4, n_positions=256, **overrides))
