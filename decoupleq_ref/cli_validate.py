@@ -112,3 +112,34 @@ def validate_checkpoint_cmd(
     if json_out is not None:
         write_json_atomic(json_out, rep.to_dict())
     raise typer.Exit(0 if rep.ok else 1)
+
+
+@app.command("check-kernel")
+def check_kernel_cmd(
+    matmul: str = typer.Option(..., help="the kernel: 'package.module:function' or 'file.py:function'"),
+    signature: str = typer.Option("parts", help="'parts': fn(x, packed, scale, zero, group_size) -> y; "
+                                  "'layer': fn(x, PackedLayer) -> y"),
+    inputs: str = typer.Option("numpy", help="activations as 'numpy' arrays or 'torch' tensors"),
+    dtypes: str = typer.Option("float32,float16,bfloat16", help="activation dtypes (comma list)"),
+    bits: int = typer.Option(2, min=1, max=8, help="code width of the built-in test layers"),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="also write the report here"),
+) -> None:
+    """Run a packed matmul on the input battery and name the layout mistake behind wrong outputs."""
+    from validate.adapters import load_impl
+    from validate.kernel import check_kernel, default_layers
+
+    try:
+        fn = load_impl(matmul)
+    except ValueError as e:
+        raise typer.BadParameter(str(e).replace("impl: ", ""), param_hint="--matmul") from None
+    layers = default_layers(bits, hp=signature == "layer")
+    try:
+        reps = [check_kernel(fn, lay, signature=signature, inputs=inputs,
+                             dtypes=tuple(d.strip() for d in dtypes.split(",")), name=name) for name, lay in layers]
+    except ValueError as e:
+        raise typer.BadParameter(str(e)) from None
+    for rep in reps:
+        typer.echo(str(rep))
+    if json_out is not None:
+        write_json_atomic(json_out, [r.to_dict() for r in reps])
+    raise typer.Exit(0 if all(r.ok for r in reps) else 1)

@@ -182,3 +182,22 @@ def test_gpu_packed_matmul_passes_in_the_simulator():
     proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=600)
     assert proc.returncode == 0 and "ALL OK" in proc.stdout, proc.stdout[-4000:] + proc.stderr[-3000:]
+
+
+transposed_scales_kernel = two_bit_kernel("transposed_scales")  # for the CLI test (file.py:function)
+
+
+def test_cli_check_kernel_names_the_mistake(tmp_path):
+    from typer.testing import CliRunner
+
+    from decoupleq_ref.cli import app
+
+    runner = CliRunner()
+    r = runner.invoke(app, ["check-kernel", "--matmul", f"{__file__}:transposed_scales_kernel",
+                            "--dtypes", "float32", "--json", str(tmp_path / "k.json")])
+    assert r.exit_code == 1 and "defect.transposed_scales" in r.output, r.output
+    r = runner.invoke(app, ["check-kernel", "--matmul", "decoupleq_ref:matmul", "--signature", "layer",
+                            "--dtypes", "float32,float16"])
+    assert r.exit_code == 0, r.output
+    r = runner.invoke(app, ["check-kernel", "--matmul", "decoupleq_ref:nothing"])
+    assert r.exit_code == 2 and "--matmul" in r.output

@@ -7,7 +7,8 @@
 Per case: integer agreement (fraction of equal codes, and of rows with all codes equal), the
 objective ratio B/A (loss on the damped H, recomputed from each side's q/scale/zero), and the
 largest scale / zero difference on rows whose codes agree (relative to the case's largest
-|scale| / |zero|; rows whose codes differ legitimately have different (s, z)).
+|scale| / |zero|; rows whose codes differ legitimately have different (s, z); groups whose
+codes are all equal determine only s·q + z, which is compared there).
 
 Backends are named in BACKENDS ("module:function" of a ``quantize_layer(W, H, QuantConfig)``);
 adding one is one line. A backend whose module does not import, lacks the function, or whose
@@ -187,6 +188,20 @@ def _rel_max(d: np.ndarray, ref: float) -> float:
     return float(d.max() / ref) if d.size else 0.0
 
 
+def identifiable_diffs(q: np.ndarray, sa: np.ndarray, za: np.ndarray, sb: np.ndarray, zb: np.ndarray
+                       ) -> tuple[np.ndarray, np.ndarray]:
+    """|Δscale|, |Δzero| per (row, group), for the same codes q on both sides. In a group whose
+    codes are all equal only s·q + z is determined (any (s, z) on that line gives the same Ŵ,
+    e.g. a symmetric 1-bit group of q = 1: Ŵ = s·(1 − 1) = 0 for every s): there the difference
+    of s·q + z is reported in both slots instead."""
+    G = sa.shape[1]
+    qg = q.reshape(q.shape[0], G, -1).astype(np.float64)
+    const = (qg == qg[..., :1]).all(axis=2)
+    q0 = qg[..., 0]
+    dw = np.abs((sa * q0 + za) - (sb * q0 + zb))
+    return np.where(const, dw, np.abs(sa - sb)), np.where(const, dw, np.abs(za - zb))
+
+
 def compare_one(name: str, W: np.ndarray, H: np.ndarray, cfg: QuantConfig, solve_a: Solver, solve_b: Solver,
                 tol: Agreement = Agreement()) -> CaseComparison:
     out = CaseComparison(name, W.shape, cfg)
@@ -219,8 +234,9 @@ def compare_one(name: str, W: np.ndarray, H: np.ndarray, cfg: QuantConfig, solve
         out.loss_ratio = 1.0 if out.objective_b <= 2 * slack + 1e-300 else float("inf")
     s_ref = max(float(np.abs(sa).max()), 1e-300)
     z_ref = max(float(np.abs(za).max()), s_ref)
-    out.max_scale_diff = _rel_max(np.abs(sa - sb)[same_rows], s_ref)
-    out.max_zero_diff = _rel_max(np.abs(za - zb)[same_rows], z_ref)
+    ds, dz = identifiable_diffs(qa, sa, za, sb, zb)
+    out.max_scale_diff = _rel_max(ds[same_rows], s_ref)
+    out.max_zero_diff = _rel_max(dz[same_rows], z_ref)
     if out.agreement < tol.min_agreement:
         out.problems.append(f"codes agree {out.agreement:.4f} < {tol.min_agreement:g}")
     if abs(out.objective_b - out.objective_a) > tol.loss_rtol * max(out.objective_a, out.objective_b) + slack:
