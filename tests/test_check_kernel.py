@@ -89,6 +89,14 @@ def test_transposed_scales_message_names_rows():
     assert "output channel 1 group 0 uses the scale of row 0 group 1" in msg
 
 
+@pytest.mark.parametrize("bits", [1, 3, 4, 8])
+def test_reference_matmul_passes_at_other_widths(bits):
+    from validate.kernel import default_layers
+
+    for name, lay in default_layers(bits, hp=True):
+        assert check_kernel(dq.matmul, lay, signature="layer", dtypes=("float32",), batches=(1, 9)).ok
+
+
 def test_reference_matmul_passes_with_branch_and_odd_shapes():
     rep = check_kernel(dq.matmul, signature="layer", batches=(1, 3, 256))
     assert rep.ok, str(rep)
@@ -159,8 +167,12 @@ def test_bad_arguments():
 def test_numba_packed_matmul_passes():
     import kernels_numba
 
-    rep = check_kernel(kernels_numba.packed_matmul, signature="layer", batches=(1, 7, 64))
-    assert rep.ok, str(rep)
+    from validate.kernel import default_layers
+
+    for bits in (1, 2, 3, 4):
+        for name, lay in default_layers(bits, hp=True):
+            rep = check_kernel(kernels_numba.packed_matmul, lay, signature="layer", batches=(1, 7, 64), name=name)
+            assert rep.ok, str(rep)
 
 
 @pytest.mark.skipif(importlib.util.find_spec("numba_cuda") is None,
