@@ -114,6 +114,12 @@ def quantize_cmd(
     backend: Optional[str] = typer.Option(None, help=f"one of {', '.join(BACKENDS)}; default: fastest available"),
     out: Path = typer.Option(Path("qmodel"), help="checkpoint folder"),
     overwrite: bool = typer.Option(False, help="replace an existing --out instead of resuming"),
+    executor: str = typer.Option("local", help="where layers are solved: local (this machine; a process pool "
+                                 "with --workers > 1) or ray (one task per layer; docs/SCALING.md)"),
+    workers: Optional[int] = typer.Option(None, min=1, help="parallel layer solves (local default 1; ray "
+                                          "default: all cluster CPUs)"),
+    ray_address: Optional[str] = typer.Option(None, help="ray: 'auto' or ray://host:port of a running "
+                                              "cluster; default: start a local one"),
 ) -> None:
     """Solve every calibrated linear layer-wise and write the checkpoint. Never imports torch."""
     from .model.quantize import quantize_model
@@ -124,7 +130,8 @@ def quantize_cmd(
     solve, backend_name = solver_for(backend)
     calib = CalibrationStats.load(stats)
     t0 = time.perf_counter()
-    config = quantize_model(source, calib, cfg, solve, backend_name, out, overwrite)
+    config = quantize_model(source, calib, cfg, solve, backend_name, out, overwrite, stats_dir=stats,
+                            executor=executor, workers=workers, ray_address=ray_address)
     total = sum(v["loss"] for v in config["layers"].values())
     log(f"wrote {out}: {len(config['layers'])} layers, total loss {total:.6g}, {time.perf_counter() - t0:.0f}s")
 
@@ -133,7 +140,7 @@ def run_pipeline(source: ModelSource, text: Path, nsamples: int, seqlen: int, se
                  backend: Optional[str], block_epochs: int, block_lr: float, out: Path, overwrite: bool,
                  text_option: str = "--text") -> dict:
     """calibration windows → sequential quantization with the block-wise stage → checkpoint."""
-    from .model.checkpoint import CheckpointWriter
+    from .model.checkpoint import CheckpointWriter, finished_with
     from .model.quantize import checkpoint_header
     from .model.sequential import run_model
     from .model.text import text_sha256
@@ -142,11 +149,17 @@ def run_pipeline(source: ModelSource, text: Path, nsamples: int, seqlen: int, se
     if block_epochs < 0 or block_lr < 0:
         raise ValueError("--block-epochs/--block-lr: must be >= 0 (0 turns the block-wise stage off)")
     solve, backend_name = solver_for(backend)
-    net, tokenizer = load_model(source, causal=True)
-    windows = text_windows(tokenizer, text, nsamples, seqlen, seed, text_option)
+    if not Path(text).is_file():
+        raise ValueError(f"{text_option}: {text} is not a file; pass a plain-text file (e.g. wikitext-2 valid.txt)")
     calibration = {"text_sha256": text_sha256(text), "nsamples": nsamples, "seqlen": seqlen, "seed": seed}
     header = checkpoint_header("run", source, cfg, backend_name, calibration)
     header["blockwise_settings"] = {"epochs": block_epochs, "lr": block_lr}
+    done = None if overwrite else finished_with(out, header)
+    if done is not None:
+        log(f"{out} is already a finished checkpoint of this command; nothing to do")
+        return done
+    net, tokenizer = load_model(source, causal=True)
+    windows = text_windows(tokenizer, text, nsamples, seqlen, seed, text_option)
     writer = CheckpointWriter(out, header, overwrite)
     return run_model(net, windows, cfg, solve, writer, block_epochs if block_lr > 0 else 0, block_lr, seed)
 

@@ -152,3 +152,17 @@ def test_ray_survives_a_killed_worker(ray_cluster, setup, tmp_path):
     assert killed, "no running ray::solve_layer_task process was seen to kill"
     quantize(setup, tmp_path / "local", cfg)
     assert files(tmp_path / "ray") == files(tmp_path / "local")
+
+
+def test_cli_passes_the_executor_through(setup, tmp_path):
+    from typer.testing import CliRunner
+
+    from decoupleq_ref.cli import app
+
+    model, stats_dir = setup
+    args = ["quantize", str(model), "--stats", str(stats_dir), "--backend", "numpy", "--bits", "2", "--group-size", "32"]
+    bad = CliRunner().invoke(app, args + ["--out", str(tmp_path / "bad"), "--executor", "slurm"])
+    assert bad.exit_code == 2 and "--executor" in bad.output and "local" in bad.output
+    ok = CliRunner().invoke(app, args + ["--out", str(tmp_path / "q"), "--executor", "local", "--workers", "2"])
+    assert ok.exit_code == 0, ok.output
+    assert (tmp_path / "q" / CONFIG_NAME).exists()

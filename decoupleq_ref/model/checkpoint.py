@@ -142,6 +142,15 @@ def checkpoint_config(folder: Path) -> dict:
     return config
 
 
+def finished_with(folder: Path, header: dict) -> dict | None:
+    """The config of ``folder`` if it is a finished checkpoint written with ``header``'s settings
+    (a repeated command then has nothing to do), else None."""
+    if not is_complete(folder):
+        return None
+    config = checkpoint_config(folder)
+    return config if {k: config.get(k) for k in header} == json.loads(json.dumps(header)) else None
+
+
 def read_checkpoint_tensors(folder: Path) -> tuple[dict, dict[str, np.ndarray]]:
     """(config, every tensor of model.safetensors) of a finished checkpoint."""
     config = checkpoint_config(folder)

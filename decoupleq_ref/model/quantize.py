@@ -12,7 +12,7 @@ from pathlib import Path
 from .. import __version__
 from ..backends import Solver
 from ..config import QuantConfig
-from .checkpoint import CheckpointWriter, is_complete, checkpoint_config, stored_layer
+from .checkpoint import CheckpointWriter, finished_with, stored_layer
 from .executor import EXECUTORS, LayerOutcome, LayerTask, run_tasks
 from .progress import log, progress_bar
 from .source import ModelSource
@@ -29,7 +29,7 @@ def checkpoint_header(command: str, source: ModelSource, cfg: QuantConfig, backe
 
 def quantize_model(source: ModelSource, stats: CalibrationStats, cfg: QuantConfig, solve: Solver, backend: str,
                    out: Path, overwrite: bool = False, *, stats_dir: Path | None = None, executor: str = "local",
-                   workers: int = 1, ray_address: str | None = None) -> dict:
+                   workers: int | None = None, ray_address: str | None = None) -> dict:
     """Solve every layer of ``stats`` on the model's weights; write the checkpoint to ``out``.
     Returns the checkpoint config (per-layer losses included).
 
@@ -38,11 +38,10 @@ def quantize_model(source: ModelSource, stats: CalibrationStats, cfg: QuantConfi
     its own W and H; otherwise layers are solved here with ``solve``. Either way each finished
     layer is committed at once, and the checkpoint does not depend on the executor."""
     header = checkpoint_header("quantize", source, cfg, backend, stats.info)
-    if is_complete(out) and not overwrite:
-        config = checkpoint_config(out)
-        if {k: config.get(k) for k in header} == header:
-            log(f"{out} is already a finished checkpoint of this command; nothing to do")
-            return config
+    done = None if overwrite else finished_with(out, header)
+    if done is not None:
+        log(f"{out} is already a finished checkpoint of this command; nothing to do")
+        return done
     if executor not in EXECUTORS:
         raise ValueError(f"--executor: unknown executor {executor!r}; choose one of {EXECUTORS}")
     writer = CheckpointWriter(out, header, overwrite)
@@ -50,7 +49,7 @@ def quantize_model(source: ModelSource, stats: CalibrationStats, cfg: QuantConfi
     names = list(stats.layers)
     Ws = {n: layer_weight(weights, n, stats.layers[n]) for n in names}  # check all before solving
     todo = [n for n in names if not writer.done(n)]
-    if stats_dir is not None and (executor == "ray" or workers > 1):
+    if stats_dir is not None and (executor == "ray" or (workers or 1) > 1):
         tasks = [LayerTask(n, str(source.path), str(stats_dir), stats.layers[n], cfg.to_dict(), backend) for n in todo]
         outcomes = run_tasks(tasks, executor, workers, ray_address)
     else:
