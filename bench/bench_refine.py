@@ -21,6 +21,7 @@ import time
 import numpy as np
 
 import decoupleq_ref as dq
+from decoupleq_ref.backends import get_solver
 from decoupleq_ref.objective import damp_hessian
 
 VARIANTS = {
@@ -83,11 +84,13 @@ def run_tiny(cases: int, n_in: int, first_seed: int = 0) -> None:
             print(f"    {kind:<28} {np.median(sel):8.3f} {np.percentile(sel, 90):8.3f} {sel.max():8.3f}")
 
 
-def run_real(layers_dir: str, configs: list[tuple[int, int]], variants: list[str] | None = None) -> None:
+def run_real(layers_dir: str, configs: list[tuple[int, int]], variants: list[str] | None = None,
+             backend: str = "numpy") -> None:
     files = sorted(glob.glob(os.path.join(layers_dir, "*.npz")))
     if not files:
         raise SystemExit(f"--layers-dir: no .npz layers in {layers_dir}; run bench/capture_smollm2_layers.py")
     base_name = "decoupleq (official settings)"
+    solve = get_solver(backend)  # numba gives the reference's codes (tests/test_numba_backend.py), faster
     for bits, gs in configs:
         print(f"\nW{bits} group_size={gs}: objective ratio to {base_name} (same damped H), seconds per layer")
         names = [n for n in VARIANTS if n != base_name and (not variants or n in variants)]
@@ -100,7 +103,7 @@ def run_real(layers_dir: str, configs: list[tuple[int, int]], variants: list[str
             objs = {}
             for name in [base_name] + names:
                 t0 = time.perf_counter()
-                objs[name] = dq.quantize_layer(W, H, dq.QuantConfig(bits=bits, group_size=gs, **VARIANTS[name])).objective
+                objs[name] = solve(W, H, dq.QuantConfig(bits=bits, group_size=gs, **VARIANTS[name])).objective
                 secs[name] += time.perf_counter() - t0
             cells = []
             for n in names:
@@ -123,6 +126,7 @@ def main() -> None:
     r.add_argument("--layers-dir", default=os.path.join(os.path.dirname(__file__), "..", ".cache", "smollm2_layers"))
     r.add_argument("--configs", default="2:-1,2:64", help="bits:group_size pairs")
     r.add_argument("--variants", default="", help="comma-separated variant names to run (default: all)")
+    r.add_argument("--backend", default="numpy", choices=["numpy", "numba"], help="solver backend (same codes)")
     a = ap.parse_args()
     if a.which == "tiny":
         run_tiny(a.cases, a.n_in, a.first_seed)
@@ -131,7 +135,7 @@ def main() -> None:
         unknown = [v for v in chosen if v not in VARIANTS]
         if unknown:
             raise SystemExit(f"--variants: unknown {unknown}; choose from {list(VARIANTS)}")
-        run_real(a.layers_dir, [tuple(map(int, c.split(":"))) for c in a.configs.split(",")], chosen)
+        run_real(a.layers_dir, [tuple(map(int, c.split(":"))) for c in a.configs.split(",")], chosen, a.backend)
 
 
 if __name__ == "__main__":
