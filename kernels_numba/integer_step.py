@@ -21,19 +21,40 @@ __all__ = ["act_order_perm", "gptq_factor", "gptq_round", "integer_step", "inver
 
 
 @njit(parallel=True)
-def _gptq_block(Wp, Q, Err, scale, zero, gidx, U, i1, i2, maxq):
-    """Columns i1..i2 of GPTQ for every row: round, error, in-block update (reference order)."""
-    for i in prange(Wp.shape[0]):
-        for c in range(i1, i2):
-            g = gidx[c]
-            s = scale[i, g]
-            z = zero[i, g]
-            code = _clip_code(np.floor((Wp[i, c] - z) / _den(s) + 0.5), maxq)
-            Q[i, c] = code
-            err = (Wp[i, c] - (s * code + z)) / U[c, c]
-            for k in range(c, i2):
-                Wp[i, k] -= err * U[c, k]
-            Err[i, c - i1] = err
+def _gptq_block(Wp, Q, Err, scale, zero, gidx, U, i1, i2, maxq, parts):
+    """Columns i1..i2 of GPTQ for every row: round, error, in-block update (reference order).
+
+    Each task copies its rows of the block transposed, so the update w_k −= e·U_ck of one
+    column runs over contiguous rows (vectorised), as the reference's np.outer does."""
+    out = Wp.shape[0]
+    b = i2 - i1
+    for p in prange(parts):
+        r0 = p * out // parts
+        r1 = (p + 1) * out // parts
+        m = r1 - r0
+        T = np.empty((b, m))
+        for i in range(m):
+            for k in range(b):
+                T[k, i] = Wp[r0 + i, i1 + k]
+        e = np.empty(m)
+        for c in range(b):
+            col = i1 + c
+            g = gidx[col]
+            for i in range(m):
+                s = scale[r0 + i, g]
+                z = zero[r0 + i, g]
+                code = _clip_code(np.floor((T[c, i] - z) / _den(s) + 0.5), maxq)
+                Q[r0 + i, col] = code
+                e[i] = (T[c, i] - (s * code + z)) / U[col, col]
+            for k in range(c, b):
+                u = U[col, i1 + k]
+                for i in range(m):
+                    T[k, i] -= e[i] * u
+            for i in range(m):
+                Err[r0 + i, c] = e[i]
+        for i in range(m):
+            for k in range(b):
+                Wp[r0 + i, i1 + k] = T[k, i]
 
 
 @njit(parallel=True)
@@ -88,7 +109,7 @@ def gptq_round(W: np.ndarray, scale: np.ndarray, zero: np.ndarray, H: np.ndarray
     for i1 in range(0, n, block_size):
         i2 = min(i1 + block_size, n)
         Err = np.empty((W.shape[0], i2 - i1))
-        _gptq_block(Wp, Q, Err, scale, zero, gidx, U, i1, i2, maxq)
+        _gptq_block(Wp, Q, Err, scale, zero, gidx, U, i1, i2, maxq, _parts(W.shape[0]))
         if i2 < n:
             _trailing_update(Wp, Err, np.ascontiguousarray(U[i1:i2, i2:]), i2, _parts(W.shape[0]))
     return _unpermute_cols(Q, perm)

@@ -1,12 +1,13 @@
 """y = x @ Ŵᵀ straight from the packed codes (docs/FORMAT.md), float32 activations.
 
-Small batches (GEMV, batch ≤ GEMV_MAX_BATCH) never build Ŵ: with x de-interleaved by position
-inside a byte (x_r[j] = x[c·j + r], c = 8/b codes per byte), row i's group sum
-Σ_{k in g} q_ik x_k is, for each r, a contiguous loop over the packed bytes,
-Σ_j ((p_ij >> b·r) & mask) · x_r[j], which vectorises; then y_i = Σ_g s_g·(that) + z_g·Σ_{k in g} x_k.
-Only the packed bytes (b/32 of a float32 weight) stream from memory. Sums run in float32 over at
-most 64 bytes, then in float64. Bit widths whose codes straddle bytes (3, 5, 6, 7) or groups
-that do not start on a byte decode each row into a small buffer first.
+Small batches (GEMV, batch ≤ GEMV_MAX_BATCH) never build Ŵ. For b ∈ {1, 2, 4, 8} a byte holds
+c = 8/b whole codes, so byte j of any row contributes T[j, byte] = Σ_r code_r(byte)·x[c·j + r]
+to that row's x·q: one 256-entry table per byte position, built once per call (256·in/c adds),
+turns the GEMV into one table lookup and one add per byte (c codes) instead of c
+decode-multiply-adds; then y_i = Σ_g s_g·(group sum) + z_g·Σ_{k in g} x_k. Only the packed
+bytes (b/32 of a float32 weight) stream from memory. Sums run in float32 over one 16-byte slab,
+then in float64. Bit widths whose codes straddle bytes (3, 5, 6, 7) or groups that do not start
+on a 32-bit word decode each row into a small buffer first.
 
 Larger batches (GEMM) dequantize tiles of TILE_ROWS rows to float32, one tile per thread, and
 multiply each with single-threaded BLAS: the full Ŵ is never materialised.
@@ -27,7 +28,7 @@ __all__ = ["GEMV_MAX_BATCH", "dequantize", "packed_matmul"]
 GEMV_MAX_BATCH = 4
 TILE_ROWS = 128
 SUB_BYTES = 64  # float32 partial sums run over at most this many bytes (generic path)
-SLAB = 16  # bytes of each row per pass of the table GEMV: a 16 KiB slice of the byte tables
+SLAB = 4  # words (16 bytes) of each row per pass of the table GEMV: a 16 KiB slice of the tables
 
 
 @njit(parallel=True)
@@ -57,15 +58,24 @@ def _byte_tables(x, bits):
     return T
 
 
-@njit(parallel=True)
-def _gemv_tables(T, xs, packed, scale, zero, gb, y):
-    """y[t, i] = Σ_g s_ig · Σ_{bytes j of g} T[t, j, p_ij] + z_ig · xs[t, g].
+@njit(inline="always")
+def _word_sum(Tt, w, base):
+    """Σ over the 4 bytes of packed word w of their table entries (T rows base/256 … +3)."""
+    return ((Tt[base + (w & 255)] + Tt[base + 256 + ((w >> 8) & 255)])
+            + (Tt[base + 512 + ((w >> 16) & 255)] + Tt[base + 768 + (w >> 24)]))
 
-    Threads take row ranges; within one, the loop runs group by group and SLAB bytes at a time
-    over all its rows, so the SLAB × 256 slice of T in use stays in L1."""
-    out = packed.shape[0]
+
+@njit(parallel=True, fastmath=True)
+def _gemv_tables(T, xs, words, scale, zero, wg, y):
+    """y[t, i] = Σ_g s_ig · Σ_{bytes j of g} T[t, j, p_ij] + z_ig · xs[t, g], reading the packed
+    row as uint32 words (wg words per group; byte k of word m is packed byte 4m + k).
+
+    Threads take row ranges; within one, the loop runs group by group and SLAB words at a time
+    over all its rows, so the 4·SLAB × 256 slice of T in use stays in L1."""
+    out = words.shape[0]
     batch = T.shape[0]
     G = scale.shape[1]
+    Tf = T.reshape(batch, -1)
     parts = min(out, 8)
     for p in prange(parts):
         r0 = p * out // parts
@@ -74,13 +84,18 @@ def _gemv_tables(T, xs, packed, scale, zero, gb, y):
         dot = np.empty((batch, r1 - r0))
         for g in range(G):
             dot[:] = 0.0
-            for j0 in range(g * gb, (g + 1) * gb, SLAB):
-                j1 = min(j0 + SLAB, (g + 1) * gb)
+            for m0 in range(g * wg, (g + 1) * wg, SLAB):
+                m1 = min(m0 + SLAB, (g + 1) * wg)
                 for t in range(batch):
+                    Tt = Tf[t]
                     for i in range(r0, r1):
                         part = np.float32(0.0)
-                        for j in range(j0, j1):
-                            part += T[t, j, packed[i, j]]
+                        if m1 - m0 == SLAB:  # fixed trip count: fully unrolled
+                            for mm in range(SLAB):
+                                part += _word_sum(Tt, words[i, m0 + mm], (m0 + mm) << 10)
+                        else:
+                            for m in range(m0, m1):
+                                part += _word_sum(Tt, words[i, m], m << 10)
                         dot[t, i - r0] += part
             for t in range(batch):
                 for i in range(r0, r1):
@@ -113,14 +128,27 @@ def _gemv_generic(x, xs, packed, scale, zero, bits, gs, y):
 
 @njit
 def _dequant_tile(packed, scale, zero, bits, r0, r1, n):
-    """Ŵ[r0:r1] (quantized part) in float32."""
-    codes = _unpack_rows(packed[r0:r1], bits, n)
+    """Ŵ[r0:r1] (quantized part) in float32; byte-aligned widths decode c = 8/b codes per byte
+    with shifts, the others through the bit-stream unpacker."""
     gs = n // scale.shape[1]
     T = np.empty((r1 - r0, n), np.float32)
+    if 8 % bits == 0 and gs % (8 // bits) == 0:  # every byte inside one group
+        c = 8 // bits
+        mask = (1 << bits) - 1
+        nbytes = n // c
+        for k in range(r1 - r0):
+            for jb in range(nbytes):
+                g = (jb * c) // gs
+                s = scale[r0 + k, g]
+                z = zero[r0 + k, g]
+                p = np.int32(packed[r0 + k, jb])
+                for r in range(c):
+                    T[k, jb * c + r] = s * np.float32((p >> (bits * r)) & mask) + z
+        return T
+    codes = _unpack_rows(packed[r0:r1], bits, n)
     for k in range(r1 - r0):
         for j in range(n):
-            g = j // gs
-            T[k, j] = np.float32(scale[r0 + k, g] * codes[k, j] + zero[r0 + k, g])
+            T[k, j] = np.float32(scale[r0 + k, j // gs] * codes[k, j] + zero[r0 + k, j // gs])
     return T
 
 
@@ -163,8 +191,13 @@ def packed_matmul(x: np.ndarray, layer: PackedLayer) -> np.ndarray:
     if batch <= GEMV_MAX_BATCH:
         xs = x.reshape(batch, -1, gs).sum(axis=2, dtype=np.float64)
         c = 8 // layer.bits if 8 % layer.bits == 0 else 0
-        if c and gs % c == 0:
-            _gemv_tables(_byte_tables(x, layer.bits), xs, layer.packed, scale, zero, gs // c, y)
+        per_channel = scale.shape[1] == 1
+        if c and (per_channel or gs % (4 * c) == 0):  # groups start on a 32-bit word
+            row_bytes = layer.packed.shape[1]
+            xp = np.zeros((batch, row_bytes * c), np.float32)  # the padding codes are 0 and meet x = 0
+            xp[:, :n] = x
+            words = layer.packed.view(np.uint32)
+            _gemv_tables(_byte_tables(xp, layer.bits), xs, words, scale, zero, words.shape[1] // scale.shape[1], y)
         else:
             _gemv_generic(x, xs, layer.packed, scale, zero, layer.bits, gs, y)
     else:

@@ -1,0 +1,182 @@
+"""Numba CPU backend vs the NumPy reference (issue 3), every ratio measured in this one run.
+
+1. Solver, W2, same layer and config on both backends: 576×1536 per-channel (4 alternations;
+   a captured SmolLM2 down_proj from .cache/smollm2_layers when present, synthetic otherwise) and
+   4096×4096 g64 (decoupleq_ref.synthetic_layer). Also: agreement of the codes and losses.
+2. packed_matmul W2 g64, batch 1 and 32, on 4096×4096, 4096×11008, 11008×4096 vs NumPy float32
+   ``x @ W.T`` (BLAS with its default threads).
+3. Peak memory of the numba 4096² solve (child process, ru_maxrss) vs 3× the float64 W + H.
+4. Where the numba 4096² solve spends its time (cProfile, top functions by own time).
+5. First-call compile time in a fresh process with an empty cache, and with the disk cache.
+
+    nice .venv/bin/python bench/bench_numba.py            # everything (the NumPy 4096² solve takes many minutes)
+    nice .venv/bin/python bench/bench_numba.py --quick    # skips the NumPy 4096² solve
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import os
+import pstats
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+import decoupleq_ref as dq
+import kernels_numba as kn
+
+REPO = Path(__file__).resolve().parent.parent
+LAYERS = REPO / ".cache" / "smollm2_layers"
+
+
+def timed(fn, *args):
+    t = time.perf_counter()
+    out = fn(*args)
+    return out, time.perf_counter() - t
+
+
+def down_proj() -> tuple[np.ndarray, np.ndarray, str]:
+    for blk in ("blk14", "blk00"):
+        path = LAYERS / f"{blk}_down_proj.npz"
+        if path.exists():
+            d = np.load(path)
+            return d["W"], d["H"], f"SmolLM2 {blk}.down_proj"
+    W, H = dq.synthetic_layer(out=576, n_in=1536)
+    return W, H, "synthetic"
+
+
+def warm_up() -> float:
+    """Compile (or load from the disk cache) every kernel the solves below use."""
+    W, H = dq.synthetic_layer(out=32, n_in=128)
+    t = time.perf_counter()
+    for gs in (-1, 64):
+        kn.quantize_layer(W, H, dq.QuantConfig(group_size=gs))
+    return time.perf_counter() - t
+
+
+def bench_solver(W, H, cfg, label, run_numpy: bool) -> None:
+    nb, t_nb = timed(kn.quantize_layer, W, H, cfg)
+    row = f"| {label} | {W.shape[0]}×{W.shape[1]} | {cfg.group_size} | {t_nb:.1f} |"
+    if run_numpy:
+        ref, t_np = timed(dq.quantize_layer, W, H, cfg)
+        row += (f" {t_np:.1f} | **{t_np / t_nb:.1f}×** | {np.mean(ref.q == nb.q) * 100:.3f} % |"
+                f" {abs(nb.loss - ref.loss) / ref.loss:.1e} |")
+    else:
+        row += " (skipped) | | | |"
+    print(row, flush=True)
+
+
+def best_of(fn, reps: int) -> float:
+    fn()
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return min(times)
+
+
+def bench_matmul(reps: int) -> None:
+    rng = np.random.default_rng(0)
+    print("\n| shape (out×in) | batch | numpy f32 x@W.T ms | packed W2 g64 ms | speed-up |")
+    print("|---|---|---|---|---|")
+    for out, n in ((4096, 4096), (4096, 11008), (11008, 4096)):
+        q = rng.integers(0, 4, (out, n)).astype(np.uint8)
+        G = n // 64
+        layer = dq.PackedLayer(kn.pack(q, 2), rng.standard_normal((out, G)).astype(np.float32),
+                               rng.standard_normal((out, G)).astype(np.float32), 2, 64, (out, n))
+        W32 = kn.dequantize(layer).astype(np.float32)
+        for batch in (1, 32):
+            x = rng.standard_normal((batch, n)).astype(np.float32)
+            t_np = best_of(lambda: x @ W32.T, reps)
+            t_kn = best_of(lambda: kn.packed_matmul(x, layer), reps)
+            print(f"| {out}×{n} | {batch} | {t_np * 1e3:.2f} | {t_kn * 1e3:.2f} | {t_np / t_kn:.2f}× |", flush=True)
+
+
+CHILD = """
+import resource, sys, time, numpy as np, decoupleq_ref as dq, kernels_numba as kn
+def rss():
+    for line in open('/proc/self/status'):
+        if line.startswith('VmRSS'):
+            return int(line.split()[1]) * 1024
+W, H = dq.synthetic_layer(out={out}, n_in={n})
+Ws, Hs = dq.synthetic_layer(out=32, n_in=128)
+kn.quantize_layer(Ws, Hs, dq.QuantConfig(group_size=64))
+before = rss()
+kn.quantize_layer(W, H, dq.QuantConfig(group_size=64))
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+print(before, peak)
+"""
+
+
+def bench_memory(out: int, n: int) -> None:
+    run = subprocess.run([sys.executable, "-c", CHILD.format(out=out, n=n)], capture_output=True, text=True,
+                         cwd=REPO, check=True)
+    before, peak = map(int, run.stdout.split())
+    wh = 8 * (out * n + n * n)
+    print(f"\npeak memory, numba {out}×{n} g64 solve: {(peak - before) / 2**20:.0f} MiB above the process "
+          f"before the solve (which holds W, H: {wh / 2**20:.0f} MiB); target 3×(W+H) = {3 * wh / 2**20:.0f} MiB; "
+          f"peak / (W+H) = {(peak - before) / wh:.2f}")
+
+
+def bench_profile(W, H, cfg) -> None:
+    prof = cProfile.Profile()
+    prof.enable()
+    kn.quantize_layer(W, H, cfg)
+    prof.disable()
+    s = io.StringIO()
+    pstats.Stats(prof, stream=s).sort_stats("tottime").print_stats(10)
+    print("\nprofile of the numba 4096² g64 solve (own time per function):")
+    print("\n".join(line for line in s.getvalue().splitlines() if line.strip()[:1].isdigit() or "ncalls" in line))
+
+
+def bench_compile() -> None:
+    code = ("import time, numpy as np, decoupleq_ref as dq, kernels_numba as kn\n"
+            "W, H = dq.synthetic_layer(out=32, n_in=128)\nt = time.perf_counter()\n"
+            "kn.quantize_layer(W, H, dq.QuantConfig(group_size=32))\n"
+            "kn.packed_matmul(np.ones((1, 128), np.float32), dq.PackedLayer.from_result(kn.quantize_layer(W, H)))\n"
+            "print(time.perf_counter() - t)")
+    with tempfile.TemporaryDirectory() as cache:
+        env = dict(os.environ, NUMBA_CACHE_DIR=cache)
+        cold = float(subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                                    check=True, cwd=REPO).stdout)
+        warm = float(subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                                    check=True, cwd=REPO).stdout)
+    print(f"\nfirst solve + matmul in a fresh process: {cold:.1f} s with an empty cache (compiling), "
+          f"{warm:.1f} s with the disk cache")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="skip the NumPy reference on 4096×4096")
+    ap.add_argument("--reps", type=int, default=20, help="matmul repetitions (best of)")
+    ap.add_argument("--only", choices=["solver", "matmul", "memory", "profile", "compile"], nargs="*")
+    args = ap.parse_args()
+    only = set(args.only or ["solver", "matmul", "memory", "profile", "compile"])
+    print(f"{os.cpu_count()} cores; load average {os.getloadavg()[0]:.1f}; warm-up (compile or cache load) "
+          f"{warm_up():.1f} s")
+    big = dq.synthetic_layer(out=4096, n_in=4096)
+    if "solver" in only:
+        W, H, label = down_proj()
+        print("\n| layer | shape | group | numba s | numpy s | speed-up | same codes | loss rel. diff |")
+        print("|---|---|---|---|---|---|---|---|")
+        bench_solver(W, H, dq.QuantConfig(), label, True)
+        bench_solver(*big, dq.QuantConfig(group_size=64), "synthetic", not args.quick)
+    if "matmul" in only:
+        bench_matmul(args.reps)
+    if "memory" in only:
+        bench_memory(4096, 4096)
+    if "profile" in only:
+        bench_profile(*big, dq.QuantConfig(group_size=64))
+    if "compile" in only:
+        bench_compile()
+
+
+if __name__ == "__main__":
+    main()
