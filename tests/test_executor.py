@@ -21,30 +21,15 @@ from decoupleq_ref.model.executor import LayerTask, read_weight, run_tasks, solv
 from decoupleq_ref.model.quantize import quantize_model  # noqa: E402
 from decoupleq_ref.model.source import resolve_model  # noqa: E402
 from decoupleq_ref.model.stats import CalibrationStats  # noqa: E402
-from decoupleq_ref.model.tiny import save_tiny  # noqa: E402
+from decoupleq_ref.model.tiny import save_random_stats, save_tiny  # noqa: E402
 from decoupleq_ref.model.weights import read_weights  # noqa: E402
-
-
-def fake_stats(model: Path, folder: Path, seed: int = 0) -> Path:
-    """Stats with random full-rank H for every linear of a tiny Llama (no forward pass needed)."""
-    weights = read_weights(resolve_model(model))
-    rng = np.random.default_rng(seed)
-    hessians, layers = {}, {}
-    for key, W in sorted(weights.items()):
-        if key.endswith("_proj.weight"):
-            name = key[: -len(".weight")]
-            X = rng.standard_normal((4 * W.shape[1], W.shape[1])) * rng.uniform(0.2, 2.0, W.shape[1])
-            hessians[name] = X.T @ X / len(X)
-            layers[name] = {"out": W.shape[0], "in": W.shape[1], "transposed": False}
-    CalibrationStats(hessians, layers, {"model": str(model), "tokens": 0}).save(folder)
-    return folder
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("exec")
     model = save_tiny(root / "llama", "llama", hidden_size=128, intermediate_size=256)
-    return model, fake_stats(model, root / "stats")
+    return model, save_random_stats(model, root / "stats")
 
 
 def quantize(setup, out: Path, cfg: QuantConfig = QuantConfig(bits=2, group_size=32), **kw) -> dict:

@@ -45,3 +45,25 @@ def save_tiny(folder: Path, arch: str = "llama", seed: int = 0, **overrides) -> 
     model.save_pretrained(folder)
     byte_tokenizer().save_pretrained(folder)
     return folder
+
+
+def save_random_stats(model: Path, folder: Path, seed: int = 0, tokens_per_input: int = 4) -> Path:
+    """A stats folder with a random full-rank H (from ``tokens_per_input``·in Gaussian inputs with
+    column scales in [0.2, 2]) for every ``*_proj`` linear of a saved model — for tests and
+    benchmarks of ``quantize`` that need no forward pass."""
+    import numpy as np
+
+    from .source import resolve_model
+    from .stats import CalibrationStats
+    from .weights import read_weights
+
+    rng = np.random.default_rng(seed)
+    hessians, layers = {}, {}
+    for key, W in sorted(read_weights(resolve_model(model)).items()):
+        if key.endswith("_proj.weight"):
+            name, n_in = key[: -len(".weight")], W.shape[1]
+            X = rng.standard_normal((tokens_per_input * n_in, n_in)) * rng.uniform(0.2, 2.0, n_in)
+            hessians[name] = X.T @ X / len(X)
+            layers[name] = {"out": W.shape[0], "in": n_in, "transposed": False}
+    CalibrationStats(hessians, layers, {"model": str(model), "tokens": 0}).save(Path(folder))
+    return Path(folder)
