@@ -63,6 +63,8 @@ def test_run_resume_is_byte_identical(llama, text, tmp_path, monkeypatch):
     assert [p.name for p in (tmp_path / "cut" / PARTIAL).glob("*.safetensors")] == ["block.0000.safetensors"]
     cli(*args, "--out", tmp_path / "cut")
     assert tree_bytes(tmp_path / "cut") == tree_bytes(tmp_path / "ref")
+    res = cli(*args, "--out", tmp_path / "cut")  # repeated: nothing to do, nothing changed
+    assert "nothing to do" in flat(res.output) and tree_bytes(tmp_path / "cut") == tree_bytes(tmp_path / "ref")
 
 
 def test_run_needs_a_decoder_and_a_long_enough_text(text, tmp_path):

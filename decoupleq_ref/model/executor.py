@@ -146,8 +146,17 @@ def connect_ray(address: str | None, workers: int | None) -> None:
     ray.init(include_dashboard=False, log_to_driver=False, **kwargs)
 
 
+def task_memory(task: LayerTask) -> int:
+    """Bytes a solve may hold: W and H in float64 and up to three working copies of each (the
+    Numba backend stays under 3x, BENCHMARKS.md §3). Given to Ray as the task's ``memory``
+    request so a node is never handed more layers than it can hold."""
+    out, n_in = task.layer["out"], task.layer["in"]
+    return 4 * 8 * (out * n_in + n_in * n_in)
+
+
 def run_ray(tasks: list[LayerTask], address: str | None = None, workers: int | None = None) -> Iterator[LayerOutcome]:
-    """One Ray task per layer (``num_gpus=1`` for the cuda backend, else one CPU), at most
+    """One Ray task per layer (``num_gpus=1`` for the cuda backend, else one CPU; ``memory`` from
+    task_memory), at most
     ``workers`` in flight when given; results are yielded as they arrive. A task whose worker
     process dies is retried up to RAY_TASK_RETRIES times by Ray."""
     import ray
@@ -159,7 +168,8 @@ def run_ray(tasks: list[LayerTask], address: str | None = None, workers: int | N
     queue, in_flight = list(tasks), []
     while queue or in_flight:
         while queue and len(in_flight) < limit:
-            in_flight.append(remote.remote(queue.pop(0)))
+            task = queue.pop(0)
+            in_flight.append(remote.options(memory=task_memory(task)).remote(task))
         done, in_flight = ray.wait(in_flight, num_returns=1)
         yield ray.get(done[0])
 
