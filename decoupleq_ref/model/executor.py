@@ -156,20 +156,21 @@ def task_memory(task: LayerTask) -> int:
 
 def run_ray(tasks: list[LayerTask], address: str | None = None, workers: int | None = None) -> Iterator[LayerOutcome]:
     """One Ray task per layer (``num_gpus=1`` for the cuda backend, else one CPU; ``memory`` from
-    task_memory), at most
-    ``workers`` in flight when given; results are yielded as they arrive. A task whose worker
-    process dies is retried up to RAY_TASK_RETRIES times by Ray."""
+    task_memory, capped at the cluster's so no task is unschedulable), at most ``workers`` in
+    flight when given; results are yielded as they arrive. A task whose worker process dies is
+    retried up to RAY_TASK_RETRIES times by Ray."""
     import ray
 
     connect_ray(address, workers)
     gpus = 1 if tasks and tasks[0].backend == "cuda" else 0
     remote = ray.remote(num_cpus=0 if gpus else 1, num_gpus=gpus, max_retries=RAY_TASK_RETRIES)(solve_layer_task)
+    cluster_memory = int(ray.cluster_resources().get("memory", 0)) or None
     limit = workers or len(tasks)
     queue, in_flight = list(tasks), []
     while queue or in_flight:
         while queue and len(in_flight) < limit:
             task = queue.pop(0)
-            in_flight.append(remote.options(memory=task_memory(task)).remote(task))
+            in_flight.append(remote.options(memory=min(task_memory(task), cluster_memory or task_memory(task))).remote(task))
         done, in_flight = ray.wait(in_flight, num_returns=1)
         yield ray.get(done[0])
 
