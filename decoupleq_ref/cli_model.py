@@ -191,7 +191,7 @@ def run_cmd(
 
 
 def eval_pipeline(source: ModelSource, quantized: Optional[Path], text: Path, seqlen: int,
-                  max_tokens: Optional[int], text_option: str = "--text") -> dict:
+                  max_tokens: Optional[int], text_option: str = "--text", packed: bool = False) -> dict:
     """Perplexity of the float model, or of the checkpoint with its KL divergence to the float model."""
     from .model.evaluate import evaluate
     from .model.text import consecutive_windows, token_ids
@@ -203,9 +203,9 @@ def eval_pipeline(source: ModelSource, quantized: Optional[Path], text: Path, se
     if quantized is None:
         return {**result, **evaluate(fp, windows)}
     q = copy.deepcopy(fp)  # one load (slow for GGUF); every quantized tensor is then overwritten
-    config = load_quantized(q, quantized)
+    config = load_quantized(q, quantized, packed=packed)
     return {**result, "quantized": str(quantized), "bits": config["bits"], "group_size": config["group_size"],
-            "method": config["method"], **evaluate(q, windows, reference=fp)}
+            "method": config["method"], "packed": packed, **evaluate(q, windows, reference=fp)}
 
 
 @app.command("eval")
@@ -216,11 +216,15 @@ def eval_cmd(
     text: Path = typer.Option(DEFAULT_EVAL_TEXT, help="evaluation text file"),
     seqlen: int = typer.Option(2048, min=2),
     max_tokens: Optional[int] = typer.Option(None, min=1, help="evaluate only the first N tokens"),
+    packed: bool = typer.Option(False, help="run the quantized linears through the packed matmul kernel "
+                                "(Numba when installed) instead of dequantized float weights"),
     json_out: bool = typer.Option(False, "--json", help="print one JSON object"),
 ) -> None:
     """Perplexity over non-overlapping windows (+ KL divergence to the float model with --quantized)."""
     t0 = time.perf_counter()
-    r = eval_pipeline(model_source(model), quantized, text, seqlen, max_tokens)
+    if packed and quantized is None:
+        raise ValueError("--packed: needs --quantized CHECKPOINT")
+    r = eval_pipeline(model_source(model), quantized, text, seqlen, max_tokens, packed=packed)
     r["seconds"] = time.perf_counter() - t0
     if json_out:
         typer.echo(json.dumps(r))

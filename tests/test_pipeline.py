@@ -247,3 +247,30 @@ def test_disk_full_exits_1_without_a_complete_checkpoint(tiny, text, tmp_path, m
     monkeypatch.setattr(atomic, "atomic_write", real)
     quantize(tiny["llama"], tmp_path / "stats", tmp_path / "q")  # resumes after space is freed
     assert (tmp_path / "q" / CONFIG_NAME).exists()
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_packed_linear_matches_dequantized(arch, tiny, text, tmp_path):
+    """True-quant (PackedLinear on the packed codes, Numba kernel when installed, and the NumPy
+    reference) gives the fake-quant model's logits; `eval --packed` runs."""
+    import torch
+
+    from decoupleq_ref.matmul import matmul
+    from decoupleq_ref.model.source import resolve_model
+    from decoupleq_ref.model.torch_model import PackedLinear, load_model, load_quantized
+
+    calibrate(tiny[arch], text, tmp_path / "stats")
+    quantize(tiny[arch], tmp_path / "stats", tmp_path / "q", "--method", "rtn", "--hp-channels", "2")
+    fake, _ = load_model(resolve_model(tiny[arch]), causal=True)
+    load_quantized(fake, tmp_path / "q")
+    ids = torch.arange(0, 48)[None]
+    with torch.inference_mode():
+        want = fake(input_ids=ids).logits
+        for kernel in (None, matmul):
+            true, _ = load_model(resolve_model(tiny[arch]), causal=True)
+            config = load_quantized(true, tmp_path / "q", packed=True, matmul=kernel)
+            assert sum(isinstance(m, PackedLinear) for m in true.modules()) == len(config["layers"])
+            assert torch.allclose(true(input_ids=ids).logits, want, rtol=1e-4, atol=1e-4)
+    res = cli("eval", tiny[arch], "--quantized", tmp_path / "q", "--packed", "--text", text, "--seqlen", "32",
+              "--max-tokens", "64", "--json")
+    assert json.loads(res.stdout.strip().splitlines()[-1])["packed"] is True

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from typing import Callable
+
 import numpy as np
 import torch
 from torch import nn
 
-from .checkpoint import model_state, read_checkpoint_tensors
+from ..matmul import PackedLayer
+from .checkpoint import model_state, packed_layer, read_checkpoint_tensors
 from .source import ModelSource
 
 
@@ -104,8 +107,48 @@ def load_state(model: nn.Module, state: dict[str, np.ndarray]) -> None:
             own[k].copy_(torch.from_numpy(np.ascontiguousarray(v)).to(own[k].dtype))
 
 
-def load_quantized(model: nn.Module, folder) -> dict:
-    """Put a checkpoint into a transformers model as dequantized float weights; returns its config."""
+class PackedLinear(nn.Module):
+    """Inference-only linear y = x Ŵᵀ + b computed from the packed layer by a packed-matmul kernel
+    (``matmul(x (batch, in) float32, PackedLayer) -> (batch, out)``): kernels_numba.packed_matmul
+    by default, decoupleq_ref.matmul as the float64 reference. Ŵ is never materialised."""
+
+    def __init__(self, layer: PackedLayer, bias: torch.Tensor | None, matmul: Callable) -> None:
+        super().__init__()
+        self.layer, self.matmul = layer, matmul
+        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.detach().reshape(-1, x.shape[-1]).to(torch.float32).numpy()
+        y = torch.from_numpy(np.asarray(self.matmul(flat, self.layer), dtype=np.float32))
+        y = y.reshape(*x.shape[:-1], y.shape[-1])
+        return (y if self.bias is None else y + self.bias).to(x.dtype)
+
+
+def packed_kernel() -> Callable:
+    """The fastest installed packed matmul: kernels_numba's, else the NumPy reference."""
+    from ..backends import backend_available
+
+    if backend_available("numba"):
+        from kernels_numba import packed_matmul
+
+        return packed_matmul
+    from ..matmul import matmul
+
+    return matmul
+
+
+def load_quantized(model: nn.Module, folder, packed: bool = False, matmul: Callable | None = None) -> dict:
+    """Put a checkpoint into a transformers model; returns its config. Default: dequantized float
+    weights. ``packed``: the quantized linears become PackedLinear modules running ``matmul``
+    (default packed_kernel()) on the stored codes, for true-quant inference."""
     config, tensors = read_checkpoint_tensors(folder)
     load_state(model, model_state(config, tensors))
+    if packed:
+        kernel = matmul or packed_kernel()
+        for name, layer in config["layers"].items():
+            parent_name, _, child = name.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            old = getattr(parent, child)
+            pl = packed_layer(tensors, name, layer, config["bits"], config["group_size"])
+            setattr(parent, child, PackedLinear(pl, old.bias, kernel))
     return config
