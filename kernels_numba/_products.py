@@ -7,6 +7,7 @@ The reference recomputes W·H_d in every float step and in the init; inside
 
 from __future__ import annotations
 
+import threading
 from contextlib import contextmanager
 from typing import Iterator
 
@@ -14,24 +15,31 @@ import numpy as np
 
 from ._blas import matmul
 
-_ACTIVE: list[dict] = []
+_LOCAL = threading.local()  # one cache stack per thread: concurrent solves never share entries
+
+
+def _active() -> list[dict]:
+    if not hasattr(_LOCAL, "stack"):
+        _LOCAL.stack = []
+    return _LOCAL.stack
 
 
 @contextmanager
 def shared_products() -> Iterator[None]:
     """Cache W·H for the duration of one solve (the solver never mutates W or H)."""
-    _ACTIVE.append({})
+    _active().append({})
     try:
         yield
     finally:
-        _ACTIVE.pop()
+        _active().pop()
 
 
 def wh(W: np.ndarray, H: np.ndarray) -> np.ndarray:
     """W @ H, from the solve's cache when one is active (keyed on the array objects)."""
-    if not _ACTIVE:
+    stack = _active()
+    if not stack:
         return matmul(W, H)
-    cache = _ACTIVE[-1]
+    cache = stack[-1]
     key = (id(W), id(H))
     hit = cache.get(key)
     if hit is None or hit[0] is not W or hit[1] is not H:
