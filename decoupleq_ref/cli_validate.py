@@ -50,8 +50,9 @@ def validate_cmd(
     suite: str = typer.Option("default", help="suite name under validate/suites, or a suite directory"),
     convention: str = typer.Option("ours", help="how the result is expressed: ours | official | gptq | "
                                    "transposed, or a comma list of signed,transposed,zero_point"),
-    level: str = typer.Option("quality", help="'quality': objective within 5 % of the reference's; "
-                              "'reference': within 1e-6 (a port of this solver)"),
+    level: str = typer.Option("quality", help="'quality': objective <= 1.5x the reference's per case and "
+                              "<= 1.05x in geometric mean over the suite; 'reference': within 1e-6 (a port of "
+                              "this solver)"),
     cases: Optional[str] = typer.Option(None, help="only cases whose name contains one of these (comma list)"),
     tags: Optional[str] = typer.Option(None, help="only cases with one of these tags (tiny, medium, combo, "
                                        "adversarial, ragged, hp, config, method)"),
@@ -59,14 +60,14 @@ def validate_cmd(
     details: int = typer.Option(5, min=0, help="print the findings of this many failing cases"),
 ) -> None:
     """Run an external decoupleQ implementation on the conformance suite; non-zero exit on failure."""
-    from validate.adapters import convention_alias, load_impl
+    from validate.adapters import load_impl, parse_convention
     from validate.check import LEVELS
     from validate.conformance import load_suite, run_suite
 
     if level not in LEVELS:
         raise typer.BadParameter(f"{level!r} is not one of {sorted(LEVELS)}", param_hint="--level")
     try:
-        conv = convention_alias(convention)
+        conv = parse_convention(convention)
         fn = load_impl(impl)
         s = load_suite(suite)
     except ValueError as e:

@@ -11,12 +11,17 @@ Everything here is NumPy-only at import; cvxpy (validate.exact), hypothesis
 (validate.strategies) and torch (official checkpoints, bf16 kernel inputs) are imported where used.
 """
 
-from .check import Policy, check_result
-from .checkpoint import validate_checkpoint
-from .compare import compare
-from .conformance import load_suite, run_suite
-from .kernel import check_kernel
-from .report import Finding, Report
+import importlib
+from typing import Any
 
-__all__ = ["Finding", "Policy", "Report", "check_kernel", "check_result", "compare", "load_suite", "run_suite",
-           "validate_checkpoint"]
+_EXPORTS = {"Policy": "check", "check_result": "check", "validate_checkpoint": "checkpoint", "compare": "compare",
+            "load_suite": "conformance", "run_suite": "conformance", "check_kernel": "kernel",
+            "Finding": "report", "Report": "report"}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    """Lazy exports: ``python -m validate.make_suite`` must not import itself through the package."""
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    raise AttributeError(f"module 'validate' has no attribute {name!r}")

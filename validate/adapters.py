@@ -55,22 +55,18 @@ Impl = Callable[[np.ndarray, np.ndarray, dict], Any]
 ALIASES: dict[str, str] = {"ours": "native", "official": "signed", "gptq": "zero_point"}
 
 
-def convention_alias(spec: str) -> tuple[str, ...]:
-    """``--convention`` value -> conventions: ``ours`` (native), ``official`` (signed codes, the
-    official decoupleQ code), ``gptq`` (integer zero-point; add ``,transposed`` for (G, out)
-    tensors as AutoGPTQ stores them), ``transposed``, or a comma list of CONVENTIONS."""
-    return parse_convention([ALIASES.get(p.strip(), p.strip()) for p in spec.split(",")])
-
-
 def parse_convention(spec: str | Iterable[str] | None) -> tuple[str, ...]:
-    """``"signed,transposed"`` -> ("signed", "transposed"); "native"/None/"" -> ()."""
+    """``"signed,transposed"`` -> ("signed", "transposed"); "native"/"ours"/None/"" -> ().
+    The ALIASES are accepted: ``official`` (signed codes, the official decoupleQ code), ``gptq``
+    (integer zero-point; add ``,transposed`` for (G, out) tensors as AutoGPTQ stores them)."""
     if spec is None:
         return ()
-    parts = [p.strip() for p in (spec.split(",") if isinstance(spec, str) else spec)]
+    parts = [ALIASES.get(p.strip(), p.strip()) for p in (spec.split(",") if isinstance(spec, str) else spec)]
     parts = [p for p in parts if p and p != "native"]
     bad = [p for p in parts if p not in CONVENTIONS]
     if bad:
-        raise ValueError(f"convention: unknown {bad}; choose from {sorted(CONVENTIONS)} (comma-separated)")
+        raise ValueError(f"convention: unknown {bad}; choose from {sorted(CONVENTIONS)} or {sorted(ALIASES)} "
+                         "(comma-separated)")
     return tuple(dict.fromkeys(parts))
 
 
@@ -78,8 +74,9 @@ def as_array(x: Any) -> Any:
     """NumPy view of x (torch/cupy tensors included); None and scalars pass through."""
     if x is None or isinstance(x, (int, float, np.floating, np.integer)):
         return x
-    if hasattr(x, "detach"):  # torch
-        x = x.detach().cpu().numpy()
+    if hasattr(x, "detach"):  # torch; numpy has no bfloat16, so those become float32 (exact)
+        x = x.detach().cpu()
+        x = (x.float() if str(x.dtype) == "torch.bfloat16" else x).numpy()
     elif hasattr(x, "get") and not isinstance(x, Mapping):  # cupy
         x = x.get()
     return np.asarray(x)

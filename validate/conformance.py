@@ -24,7 +24,7 @@ import numpy as np
 from decoupleq_ref.config import QuantConfig
 
 from .adapters import Impl, load_impl, parse_convention, result_mapping
-from .check import LEVELS, Policy, check_result
+from .check import Policy, check_result
 from .make_suite import MANIFEST_FILE, SUITES_DIR, tensor_hash
 from .report import FAIL, SKIP, Report, with_status
 
@@ -168,6 +168,7 @@ class SuiteReport:
     level: str
     convention: tuple[str, ...]
     outcomes: list[CaseOutcome]
+    policy: Policy = field(default_factory=Policy)
 
     @property
     def failed(self) -> list[CaseOutcome]:
@@ -175,7 +176,21 @@ class SuiteReport:
 
     @property
     def ok(self) -> bool:
-        return not self.failed
+        return not self.failed and self.aggregate_ok
+
+    @property
+    def aggregate(self) -> tuple[float | None, int]:
+        """(geometric mean of objective / reference objective, number of cases in it) over the
+        cases that have the ratio; ratios are floored at 1e-6 (an objective of 0 where the
+        reference's is not)."""
+        ratios = [o.report.numbers.get("ratio_to_reference") for o in self.outcomes]
+        ratios = [max(float(r), 1e-6) for r in ratios if r is not None and np.isfinite(r)]
+        return (float(np.exp(np.mean(np.log(ratios)))) if ratios else None), len(ratios)
+
+    @property
+    def aggregate_ok(self) -> bool:
+        g, _ = self.aggregate
+        return g is None or g <= 1 + self.policy.suite_rtol
 
     @property
     def defects(self) -> dict[str, int]:
@@ -194,8 +209,16 @@ class SuiteReport:
     def header(self) -> str:
         conv = ",".join(self.convention) or "native"
         return (f"decoupleq validate: {self.impl} on suite {self.suite!r} v{self.version} "
-                f"({len(self.outcomes)} cases; level {self.level}: objective <= (1 + {LEVELS[self.level]:g}) x "
-                f"the reference; convention {conv})")
+                f"({len(self.outcomes)} cases; level {self.level}: objective <= (1 + {self.policy.rtol:g}) x the "
+                f"reference per case, geometric mean <= 1 + {self.policy.suite_rtol:g}; convention {conv})")
+
+    def aggregate_line(self) -> str:
+        g, n = self.aggregate
+        if g is None:
+            return "suite: no case compared with the reference"
+        verdict = "ok" if self.aggregate_ok else "FAIL (systematically worse than the reference)"
+        return (f"suite: geometric mean of objective / reference over {n} cases = {g:.6f} "
+                f"(limit {1 + self.policy.suite_rtol:g}): {verdict}")
 
     def table(self, details: int = 5) -> str:
         """Per-case pass/fail table, then the failure details of the first ``details`` failing cases."""
@@ -217,6 +240,7 @@ class SuiteReport:
         lines.append(f"{n['cases']} cases: {n['pass']} pass, {n['fail']} fail, {n['skip']} skip"
                      + (f"; likely defects: " + ", ".join(f"{k} ({v} cases)" for k, v in self.defects.items())
                         if self.defects else ""))
+        lines.append(self.aggregate_line())
         for o in self.failed[:details]:
             lines.append("")
             lines.append(str(o.report))
@@ -227,6 +251,8 @@ class SuiteReport:
     def to_dict(self) -> dict[str, Any]:
         return {"suite": self.suite, "suite_version": self.version, "impl": self.impl, "level": self.level,
                 "convention": list(self.convention), "ok": self.ok, "counts": self.counts(),
+                "aggregate": {"geomean_ratio_to_reference": self.aggregate[0], "cases": self.aggregate[1],
+                              "limit": 1 + self.policy.suite_rtol, "ok": self.aggregate_ok},
                 "defects": self.defects,
                 "cases": [{"name": o.case.name, "tags": o.case.tags, "shape": list(o.case.shape),
                            "config": o.case.config.to_dict(), "seconds": o.seconds, **o.report.to_dict()}
@@ -280,4 +306,4 @@ def run_suite(impl: Impl | str, suite: Suite | str | Path = "default", *, level:
         outcomes.append(outcome)
         if progress:
             progress(outcome)
-    return SuiteReport(s.name, s.version, name, pol.level, conv, outcomes)
+    return SuiteReport(s.name, s.version, name, pol.level, conv, outcomes, pol)

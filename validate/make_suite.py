@@ -294,7 +294,7 @@ def build_cases(layers: dict[str, Layer]) -> list[CaseSpec]:
 
 def policy_section() -> dict[str, Any]:
     """The tolerance contract, recorded in the manifest (docs/VALIDATION.md explains each)."""
-    from .check import LEVELS, Policy
+    from .check import LEVELS, SUITE_LEVELS, Policy
 
     p = Policy()
     return {
@@ -305,6 +305,8 @@ def policy_section() -> dict[str, Any]:
         "loss.reference": {"levels": LEVELS, "default_level": p.level,
                            "what": "objective (on H + damp*mean(diag H)*I) <= (1 + rtol) x the reference's, in total "
                            "and averaged over rows normalised by W_i H_d W_i^T"},
+        "suite.reference": {"levels": SUITE_LEVELS, "what": "geometric mean over the cases with a reference "
+                            "of objective / reference objective <= 1 + rtol"},
         "loss.optimum": {"rtol": p.optimum_rtol, "what": "no row's objective below the exact global optimum "
                          "(tiny per-channel cases)"},
         "slack": {"energy_atol": p.energy_atol, "storage_ulps": p.storage_ulps,
