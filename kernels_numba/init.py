@@ -78,19 +78,19 @@ def quantize_rtn(W: np.ndarray, scale: np.ndarray, zero: np.ndarray, bits: int) 
                       np.ascontiguousarray(zero, dtype=np.float64), (1 << bits) - 1)
 
 
-@njit(inline="always")
-def _fast_code(w, z, den, inv, maxq):
-    """The reference's code ⌊(w − z)/den + ½⌋ via a multiply; the division only near a tie.
-
-    (w − z)·inv is within a few ulps of (w − z)/den, so the floors can differ only when
-    (w − z)/den + ½ is within a few ulps of an integer; there we redo the exact division."""
-    f = (w - z) * inv + 0.5
-    fl = np.floor(f)
-    d = f - fl
-    tol = 1e-12 * (abs(f) + 1.0)
-    if d < tol or d > 1.0 - tol:
-        fl = np.floor((w - z) / den + 0.5)
-    return _clip_code(fl, maxq)
+@njit
+def _fast_codes(w, z, inv, maxq, code, near):
+    """The reference's codes clamp(⌊(w − z)/den + ½⌋) for a group, via a multiply by inv = 1/den
+    in a branch-free (vectorised) loop. (w − z)·inv is within a few ulps of (w − z)/den, so the
+    floors can differ only where (w − z)/den + ½ is that close to an integer: those entries are
+    flagged in ``near`` and recomputed with the exact division by the caller."""
+    for j in range(w.shape[0]):
+        f = (w[j] - z) * inv + 0.5
+        fl = np.floor(f)
+        d = f - fl
+        tol = 1e-12 * (abs(f) + 1.0)
+        near[j] = (d < tol) | (d > 1.0 - tol)
+        code[j] = min(max(fl, 0.0), maxq)
 
 
 @njit
@@ -111,6 +111,8 @@ def _grid_block(W, R1, g1, t, H, xmin, xmax, s1, q1, ps, maxq, half, symmetric, 
     cumg = np.zeros((m, K))
     cumt = np.zeros((m, K))
     prev = np.empty(n, np.uint8)
+    fcode = np.empty(gs)
+    near = np.empty(gs, np.bool_)
     ne = 0
     for ii in range(m):
         i = r0 + ii
@@ -121,6 +123,14 @@ def _grid_block(W, R1, g1, t, H, xmin, xmax, s1, q1, ps, maxq, half, symmetric, 
         dg = 0.0
         dt = 0.0
         for k in range(1, K):
+            if ne + n > cap:  # room for a step's worth of events (kept out of the column loop:
+                cap = 2 * cap + n  # a reassigned array there costs reference counting per column)
+                ej2 = np.empty(cap, np.int32)
+                ev2 = np.empty(cap)
+                ej2[:ne] = ej[:ne]
+                ev2[:ne] = ev[:ne]
+                ej = ej2
+                ev = ev2
             p = ps[k]
             for g in range(G):
                 lo = p * xmin[i, g]
@@ -129,17 +139,13 @@ def _grid_block(W, R1, g1, t, H, xmin, xmax, s1, q1, ps, maxq, half, symmetric, 
                 den = _den(s)
                 inv = 1.0 / den
                 sg = s1[i, g]
-                for j in range(g * gs, (g + 1) * gs):
-                    c = _fast_code(W[i, j], z, den, inv, maxq)
+                j0 = g * gs
+                _fast_codes(W[i, j0:j0 + gs], z, inv, float(maxq), fcode, near)
+                for j in range(j0, j0 + gs):
+                    c = int(fcode[j - j0])
+                    if near[j - j0]:  # within rounding of a half-integer: the exact division decides
+                        c = _clip_code(np.floor((W[i, j] - z) / den + 0.5), maxq)
                     if c != prev[j]:
-                        if ne == cap:  # grow the event buffers
-                            cap *= 2
-                            ej2 = np.empty(cap, np.int32)
-                            ev2 = np.empty(cap)
-                            ej2[:ne] = ej[:ne]
-                            ev2[:ne] = ev[:ne]
-                            ej = ej2
-                            ev = ev2
                         v = sg * (np.float64(c) - np.float64(prev[j]))
                         ej[ne] = j
                         ev[ne] = v
