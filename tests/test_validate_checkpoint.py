@@ -46,6 +46,10 @@ def official_pair(folder, dtype=torch.float16, asym=True, corrupt=None):
             true[name][3] = -true[name][3] - 1  # one row's codes mirrored
         elif how == "scale":
             true[f"{name}_qscale"][:, 1] *= 1.5
+        elif how == "negated_zero":
+            true[f"{name}_qzero"] = -true[f"{name}_qzero"]
+        elif how == "unsigned":
+            true[name] = true[name] + 2  # codes exported in [0, 3] next to the signed zero
     torch.save(fake, folder / "fake_quant.pth")
     torch.save(true, folder / "true_quant.pth")
     return folder
@@ -70,6 +74,15 @@ def test_corrupted_official_layer_is_named(tmp_path, how):
         assert "rows [3]" in msg
     else:
         assert "input groups [1] (group size 8)" in msg
+
+
+@pytest.mark.parametrize("how,why", [("negated_zero", "the zero has the wrong sign"),
+                                     ("unsigned", "unsigned codes stored with the signed zero")])
+def test_export_mistake_is_explained(tmp_path, how, why):
+    bad = "model.layers.0.self_attn.q_proj.weight"
+    rep = validate_checkpoint(official_pair(tmp_path, corrupt=(bad, how)), bits=2 if how != "unsigned" else None)
+    assert [c.name for c in rep.failed] == [bad], rep.table()
+    assert any(why in p for p in rep.failed[0].problems), rep.table()
 
 
 def test_cli_names_the_corrupted_layer(tmp_path):

@@ -220,6 +220,33 @@ def official_layer(name: str, w_int: np.ndarray, scale: np.ndarray, zero: np.nda
     return check, W_hat, M
 
 
+def explain_official(fake: np.ndarray, dt: str, w_int: np.ndarray, scale: np.ndarray, zero: np.ndarray | None,
+                     bits: int | None) -> str:
+    """The usual export mistake that turns (w_int, scale, zero) into the fake-quant weight, or ""."""
+    n_in = w_int.shape[1]
+    q, S = w_int.astype(np.float64), _expand(scale, n_in)
+    Z = _expand(zero, n_in) if zero is not None else np.zeros_like(S)
+    halves = [float(1 << (bits - 1))] if bits else [1.0, 2.0, 4.0, 8.0, 16.0, 64.0]  # b unknown: try them
+    F = np.asarray(fake, dtype=np.float64)
+    M = np.abs(S) * (np.abs(q) + max(halves)) + np.abs(Z)
+    cands = []
+    for half in halves:
+        cands += [(f"the codes are offset by 2^(b-1) = {half:g}: unsigned codes stored with the signed zero",
+                   S * (q - half) + Z),
+                  (f"the codes are offset by -2^(b-1) = {-half:g}: signed codes stored with an unsigned zero",
+                   S * (q + half) + Z)]
+    if zero is not None:
+        cands += [("the zero is not added (W = scale*w_int)", S * q),
+                  ("the zero has the wrong sign (W = scale*w_int - zero)", S * q - Z),
+                  ("the zero is an integer zero-point (W = scale*(w_int - zero))", S * (q - Z)),
+                  ("scale and zero are swapped", Z * q + S)]
+    u, tiny = UNIT.get(dt, 2.0 ** -24), SUBNORMAL.get(dt, 0.0)
+    for desc, W_c in cands:
+        if np.all(np.abs(W_c - F) <= 1.01 * u * np.abs(W_c) + 4 * UNIT["float32"] * M + tiny):
+            return desc
+    return ""
+
+
 def check_official_pair(fake_path: str | Path, true_path: str | Path, bits: int | None = None) -> CheckpointReport:
     """Compare every layer of the official ``true_quant.pth`` with ``fake_quant.pth`` (module doc)."""
     (true, _), (fake, fake_dt) = load_state(true_path), load_state(fake_path)
@@ -233,6 +260,10 @@ def check_official_pair(fake_path: str | Path, true_path: str | Path, bits: int 
         if W_hat is not None:
             if k in fake:
                 compare_weight(check, W_hat, M, fake[k], fake_dt[k], true[k].shape[1] // true[f"{k}_qscale"].shape[1])
+                why = explain_official(fake[k], fake_dt[k], true[k], true[f"{k}_qscale"], true.get(f"{k}_qzero"),
+                                       bits) if check.problems and fake[k].shape == W_hat.shape else ""
+                if why:
+                    check.problems.append(f"likely: {why}")
             else:
                 check.problems.append("no weight of this name in the fake-quant state dict")
         rep.layers.append(check)
