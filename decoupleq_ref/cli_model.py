@@ -239,7 +239,7 @@ def demo_cmd(
     model: Optional[str] = MODEL_ARG,
     calib_text: Path = typer.Option(DEFAULT_CALIB_TEXT, help="calibration text"),
     eval_text: Path = typer.Option(DEFAULT_EVAL_TEXT, help="evaluation text"),
-    nsamples: int = typer.Option(16, min=1, help="calibration windows"),
+    nsamples: int = typer.Option(8, min=1, help="calibration windows"),
     seqlen: int = typer.Option(512, min=2, help="tokens per window (calibration and evaluation)"),
     eval_tokens: int = typer.Option(8192, min=1, help="evaluation tokens (from the start of the text)"),
     block_epochs: int = typer.Option(2, min=0, help="block-wise stage epochs (0 = off)"),
