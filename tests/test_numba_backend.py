@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 
 import decoupleq_ref as dq
 import kernels_numba as kn
+from decoupleq_ref.integer_step import gptq_factor
 from decoupleq_ref.objective import damp_hessian
 from validate.strategies import configs, layers, make_hessian
 
@@ -137,11 +138,25 @@ def test_gptq_round_is_bitwise_the_reference(gs, act_order, block):
     W, H = structured_layer("outlier_cols", seed=5)
     s, z, _ = dq.init_scale_zero(W, H, 2, gs, False, 50, 0.8)
     n = W.shape[1]
+    factor = gptq_factor(H, act_order, 0.01)
     ref = dq.gptq_round(W, np.repeat(s, n // s.shape[1], 1), np.repeat(z, n // z.shape[1], 1), H, 2,
-                        act_order, block, 0.01)
-    got = kn.OPS.integer_step(W, s, z, H, 2, act_order, block, 0.01, 0, 1e-3)
+                        act_order, block, 0.01, factor)
+    got = kn.OPS.integer_step(W, s, z, H, 2, act_order, block, 0.01, 0, 1e-3, factor)
     assert got.dtype == np.uint8
     np.testing.assert_array_equal(got, ref)
+    own = kn.OPS.integer_step(W, s, z, H, 2, act_order, block, 0.01, 0, 1e-3)  # its own factor
+    assert np.mean(own == ref) >= 0.999
+
+
+@pytest.mark.parametrize("damp", [0.01, 0.0])
+def test_lean_gptq_factor_matches_the_reference(damp):
+    """potrf → potri → potrf in one buffer gives the reference's (perm, U) to rounding, including
+    the damping ladder on a singular H."""
+    for H in (structured_layer("rank_deficient", seed=9)[1], np.zeros((16, 16))):
+        p0, U0 = gptq_factor(H, True, damp)
+        p1, U1 = kn.OPS.gptq_factor(H, True, damp)
+        np.testing.assert_array_equal(p1, p0)
+        np.testing.assert_allclose(U1, U0, rtol=0, atol=1e-12 * np.abs(U0).max())
 
 
 @pytest.mark.parametrize("gs,symmetric", [(-1, False), (-1, True), (32, False), (16, True)])
