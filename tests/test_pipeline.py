@@ -219,6 +219,10 @@ def test_clear_errors(tiny, text, tmp_path):
         assert res.exit_code == 2, (args, res.output)
         assert message in flat(res.output), (args, res.output)
     assert not (tmp_path / "s").exists() and not (tmp_path / "q" / CONFIG_NAME).exists()
+    from decoupleq_ref.model.checkpoint import CheckpointWriter
+
+    with pytest.raises(ValueError, match="--out: .* is a file"):
+        CheckpointWriter(short, {"command": "quantize"})
 
 
 def test_stats_from_another_model_are_refused(tiny, text, tmp_path):

@@ -78,6 +78,8 @@ class CheckpointWriter:
     def __init__(self, out: Path, header: dict, overwrite: bool = False) -> None:
         self.out, self.header = Path(out), header
         self.partial = self.out / PARTIAL
+        if self.out.exists() and not self.out.is_dir():
+            raise ValueError(f"--out: {self.out} is a file; pass a folder for the checkpoint")
         if overwrite and self.out.exists():
             shutil.rmtree(self.out)
         if self.out.exists() and any(self.out.iterdir()):
