@@ -175,14 +175,16 @@ def quantize_layer(W: np.ndarray, H: np.ndarray, cfg: QuantConfig | None = None,
             other = alternate(W, Hd, s0, z0, cfg, refit_first=False, factor=factor, ops=ops)
             run.offer(f"start[{k}]", other.q, other.scale, other.zero, other.obj)
 
-    W_hat = dequantize_parts(run.q, run.scale, run.zero)
     objective = float(run.obj.sum())
     hp_index = hp_weight = None
-    if branch is not None:
+    if branch is None:
+        row_loss = ops.proposal_losses(W, run.q, run.scale, run.zero, H)  # no (out, in) Ŵ: see SolverOps
+    else:
+        W_hat = dequantize_parts(run.q, run.scale, run.zero)
         hp_index, hp_weight = branch.index, branch_weight(W, W_hat, H_obj, branch.index)
         W_hat = add_branch(W_hat, hp_index, hp_weight)
         objective = float(ops.row_losses(W, W_hat, H_obj).sum())
-    row_loss = ops.row_losses(W, W_hat, H)
+        row_loss = ops.row_losses(W, W_hat, H)
     return QuantResult(
         q=run.q.astype(np.uint8),
         scale=run.scale,

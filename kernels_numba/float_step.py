@@ -19,7 +19,7 @@ from ._products import wh
 
 __all__ = ["closed_form_scale_zero", "normal_equations"]
 
-CHUNK_BYTES = 64 << 20
+CHUNK_BYTES = 16 << 20  # bounds the (chunk, n, n) systems: solve_rows makes ~4 copies of them
 
 
 @njit(parallel=True)

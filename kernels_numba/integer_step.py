@@ -22,35 +22,42 @@ from .init import _clip_code, _den
 __all__ = ["act_order_perm", "gptq_factor", "gptq_round", "integer_step", "inverse_cholesky_upper", "relax_box"]
 
 
-def inverse_cholesky_upper(H: np.ndarray, damp: float) -> np.ndarray:
-    """Upper Cholesky factor U of (H + λI)⁻¹ (mirrors decoupleq_ref's, same damping ladder), in
-    one (in, in) buffer: LAPACK potrf → potri → potrf in place instead of the reference's
-    factor, identity, solve and second factor (4 more (in, in) arrays: 512 MiB at in = 4096).
-    Agrees with the reference to rounding."""
+@njit(parallel=True)
+def _zero_below_diagonal(A):
+    for i in prange(A.shape[0]):
+        for j in range(i):
+            A[i, j] = 0.0
+
+
+def inverse_cholesky_upper(H: np.ndarray, damp: float, perm: np.ndarray | None = None) -> np.ndarray:
+    """Upper Cholesky factor U of (H_pp + λI)⁻¹, H_pp = H[perm][:, perm] (mirrors decoupleq_ref's,
+    same damping ladder), in place: LAPACK potrf → potri → potrf on the transposed view of one
+    C-ordered (in, in) buffer (H is symmetric, so that view is H_pp itself), whose upper triangle
+    then holds U. The reference holds 4 more (in, in) arrays (512 MiB at in = 4096). Agrees
+    with it to rounding."""
     n = H.shape[0]
-    mean_diag = float(np.mean(np.diag(H))) or 1.0
+    perm = np.arange(n) if perm is None else perm
+    mean_diag = float(np.mean(np.diag(H)[perm])) or 1.0
     for factor in sorted({damp, 0.01, 0.1, 1.0, 10.0, 100.0}):
         if factor < damp:
             continue
-        A = np.array(H, dtype=np.float64, order="F")  # symmetric: only its lower triangle is read
+        A = np.ascontiguousarray(H[np.ix_(perm, perm)], dtype=np.float64)  # fresh: a failure destroys it
         A[np.diag_indices(n)] += factor * mean_diag
-        _, info = lapack.dpotrf(A, lower=1, overwrite_a=1)
-        if info != 0:
-            continue
-        _, info = lapack.dpotri(A, lower=1, overwrite_c=1)  # lower triangle of (H + λI)⁻¹
-        if info != 0:
-            continue
-        _, info = lapack.dpotrf(A, lower=1, overwrite_a=1)  # (H + λI)⁻¹ = L Lᵀ, U = Lᵀ
-        if info != 0:
-            continue
-        return np.triu(A.T)
+        F = A.T  # Fortran-ordered view of the same memory, equal to A by symmetry
+        ok = lapack.dpotrf(F, lower=1, overwrite_a=1)[1] == 0
+        ok = ok and lapack.dpotri(F, lower=1, overwrite_c=1)[1] == 0  # lower triangle of the inverse
+        ok = ok and lapack.dpotrf(F, lower=1, overwrite_a=1)[1] == 0  # inverse = L Lᵀ, U = Lᵀ
+        if ok:
+            _zero_below_diagonal(A)  # A's upper triangle is F's lower: Lᵀ = U
+            return A
+        del A, F
     raise np.linalg.LinAlgError("H: not positive definite even after damping by 100·mean(diag H)")
 
 
 def gptq_factor(H: np.ndarray, act_order: bool, damp: float) -> tuple[np.ndarray, np.ndarray]:
     """(perm, U) for GPTQ (mirrors decoupleq_ref.gptq_factor) with the lean factorisation."""
     perm = act_order_perm(H, act_order)
-    return perm, inverse_cholesky_upper(H[np.ix_(perm, perm)], damp)
+    return perm, inverse_cholesky_upper(H, damp, perm)
 
 
 @njit(parallel=True)
