@@ -19,7 +19,8 @@ from ._products import wh
 
 __all__ = ["closed_form_scale_zero", "normal_equations"]
 
-CHUNK_BYTES = 16 << 20  # bounds the (chunk, n, n) systems: solve_rows makes ~4 copies of them
+CHUNK_BYTES = 64 << 20  # rows per Gram pass: fewer, larger BLAS calls
+SOLVE_BYTES = 16 << 20  # rows per batched solve: solve_rows makes ~4 copies of its systems
 
 
 @njit(parallel=True)
@@ -103,6 +104,7 @@ def closed_form_scale_zero(q: np.ndarray, W: np.ndarray, H: np.ndarray, bits: in
     new_s, new_z = np.empty((out, G)), np.empty((out, G))
     n_unk = G if symmetric else 2 * G
     chunk = row_chunk or max(1, min(4096, CHUNK_BYTES // (8 * max(n_in, n_unk * n_unk))))
+    solve_chunk = max(1, SOLVE_BYTES // (8 * n_unk * n_unk))
     for r0 in range(0, out, chunk):
         r1 = min(out, r0 + chunk)
         A = _basis(q, r0, r1, half if symmetric else 0.0)
@@ -111,7 +113,10 @@ def closed_form_scale_zero(q: np.ndarray, W: np.ndarray, H: np.ndarray, bits: in
         fixed[:, :G] = degenerate_groups(q[r0:r1], G, bits, symmetric)
         value = np.zeros((r1 - r0, n_unk))
         value[:, :G] = scale[r0:r1]
-        theta = solve_rows(P, y, fixed, value)
+        theta = np.empty_like(y)
+        for k0 in range(0, r1 - r0, solve_chunk):  # solve_rows copies its systems ~4 times
+            k = slice(k0, k0 + solve_chunk)
+            theta[k] = solve_rows(P[k], y[k], fixed[k], value[k])
         new_s[r0:r1] = theta[:, :G]
         new_z[r0:r1] = -theta[:, :G] * (1 << (bits - 1)) if symmetric else theta[:, G:]
     return new_s, new_z
