@@ -93,6 +93,8 @@ def plot(results: dict, png: Path) -> None:
         if "fp" in results:
             ax.axhline(results["fp"]["perplexity"], color="k", ls="--", label="fp32")
         ax.set_yscale("log")
+        ax.set_xticks([2, 3, 4])
+        ax.set_xlim(1.7, 4.3)
         ax.set_xlabel("bits")
         ax.set_title("group size 64" if grouped else "per-channel")
         ax.set_ylabel("wikitext-2 test perplexity")
@@ -119,6 +121,8 @@ def main() -> None:
     p.add_argument("--workdir", type=Path, default=Path("/tmp/bench_pipeline"))
     p.add_argument("--out-json", type=Path, default=Path("/tmp/bench_pipeline/results.json"))
     p.add_argument("--png", type=Path, default=None)
+    p.add_argument("--merge", type=Path, nargs="*", default=[],
+                   help="other --out-json files (e.g. a second process's) to include in the table and plot")
     args = p.parse_args()
     args.workdir.mkdir(parents=True, exist_ok=True)
     source = resolve_model(args.model)
@@ -137,6 +141,8 @@ def main() -> None:
             results[key] = one_run(source, args, bits, gs, method)
             write_json(args.out_json, results)
             print(table(results).splitlines()[-1], flush=True)
+    for extra in args.merge:
+        results = {**json.loads(extra.read_text()), **results}
     print(table(results))
     if args.png:
         plot(results, args.png)
