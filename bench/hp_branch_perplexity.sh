@@ -2,7 +2,7 @@
 # Issue 11: SmolLM2 perplexity of the fp16 branch at ~2.25 bits vs plain W2 g64 and W2 per-channel (BENCHMARKS.md §6).
 # Layer-wise `quantize` from one set of float-model stats (run has no branch support yet); eval as bench_pipeline.py.
 set -euo pipefail
-cd /work/main
+cd "$(dirname "$0")/.."
 D=${1:-/tmp/hp_ppl}; DQ=.venv/bin/decoupleq
 EV=../shared/data/wikitext-2-raw/wiki.test.raw
 $DQ calibrate --text ../shared/data/wikitext-2/valid.txt --nsamples 16 --seqlen 512 --seed 0 --out $D/stats
