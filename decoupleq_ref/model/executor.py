@@ -75,8 +75,8 @@ def read_weight(model: str | Path, key: str) -> np.ndarray:
     from safetensors import safe_open
 
     index = path / "model.safetensors.index.json"
-    files = ([path / json.loads(index.read_text())["weight_map"][key]] if index.exists() and
-             key in json.loads(index.read_text()).get("weight_map", {}) else sorted(path.glob("*.safetensors")))
+    weight_map = json.loads(index.read_text()).get("weight_map", {}) if index.exists() else {}
+    files = [path / weight_map[key]] if key in weight_map else sorted(path.glob("*.safetensors"))
     for file in files:
         with safe_open(str(file), framework="numpy") as f:
             if key in f.keys():
@@ -86,24 +86,18 @@ def read_weight(model: str | Path, key: str) -> np.ndarray:
 
 
 def _read_gguf_tensor(path: Path, key: str) -> np.ndarray:
-    """The GGUF tensor whose HF name is ``key``, dequantized and in HF orientation (weights.py)."""
+    """The GGUF tensor whose HF name is ``key``, converted as weights.read_gguf_weights does."""
     from gguf import GGUFReader
-    from gguf.quants import dequantize
 
-    from .weights import gguf_field, gguf_to_hf_name, unpermute_rotary
+    from .weights import gguf_field, gguf_tensor_array, gguf_to_hf_name
 
     reader = GGUFReader(str(path))
+    arch = gguf_field(reader, "general.architecture")
+    n_head = int(gguf_field(reader, f"{arch}.attention.head_count"))
+    n_kv = int(gguf_field(reader, f"{arch}.attention.head_count_kv") or n_head)
     for t in reader.tensors:
-        if gguf_to_hf_name(t.name) != key:
-            continue
-        w = np.asarray(dequantize(t.data, t.tensor_type), np.float32).reshape(tuple(reversed(t.shape.tolist())))
-        arch = gguf_field(reader, "general.architecture")
-        n_head = int(gguf_field(reader, f"{arch}.attention.head_count"))
-        if ".attn_q." in t.name:
-            w = unpermute_rotary(w, n_head)
-        elif ".attn_k." in t.name:
-            w = unpermute_rotary(w, int(gguf_field(reader, f"{arch}.attention.head_count_kv") or n_head))
-        return w
+        if gguf_to_hf_name(t.name) == key:
+            return gguf_tensor_array(t, n_head, n_kv)
     raise ValueError(f"MODEL: {path} has no tensor for {key}")
 
 

@@ -57,7 +57,6 @@ def gguf_field(reader: object, key: str) -> object:
 def read_gguf_weights(path: Path) -> dict[str, np.ndarray]:
     """All tensors of a Llama-family GGUF as float32 arrays with HF names and HF orientation."""
     from gguf import GGUFReader
-    from gguf.quants import dequantize
 
     reader = GGUFReader(str(path))
     arch = gguf_field(reader, "general.architecture")
@@ -69,16 +68,22 @@ def read_gguf_weights(path: Path) -> dict[str, np.ndarray]:
     out: dict[str, np.ndarray] = {}
     for t in reader.tensors:
         name = gguf_to_hf_name(t.name)
-        if name is None:
-            continue
-        # gguf lists dims fastest-first; dequantize returns the C-order (out, in) array
-        w = np.asarray(dequantize(t.data, t.tensor_type), dtype=np.float32).reshape(tuple(reversed(t.shape.tolist())))
-        if ".attn_q." in t.name:
-            w = unpermute_rotary(w, n_head)
-        elif ".attn_k." in t.name:
-            w = unpermute_rotary(w, n_kv)
-        out[name] = w
+        if name is not None:
+            out[name] = gguf_tensor_array(t, n_head, n_kv)
     return out
+
+
+def gguf_tensor_array(t: object, n_head: int, n_kv: int) -> np.ndarray:
+    """One GGUF tensor as float32 in HF orientation: dequantized, reshaped, Q/K rows un-permuted."""
+    from gguf.quants import dequantize
+
+    # gguf lists dims fastest-first; dequantize returns the C-order (out, in) array
+    w = np.asarray(dequantize(t.data, t.tensor_type), dtype=np.float32).reshape(tuple(reversed(t.shape.tolist())))
+    if ".attn_q." in t.name:
+        return unpermute_rotary(w, n_head)
+    if ".attn_k." in t.name:
+        return unpermute_rotary(w, n_kv)
+    return w
 
 
 def read_safetensors_weights(folder: Path) -> dict[str, np.ndarray]:
