@@ -26,7 +26,8 @@ def as_float_matrix(x: object, name: str, finite: bool = True) -> np.ndarray:
 
 
 def check_layer(W: object, H: object, group_size: int, symmetric_tol: float = 1e-6) -> tuple[np.ndarray, np.ndarray]:
-    """Validate a weight ``W`` (out, in) and its Hessian ``H`` (in, in); return float64 copies."""
+    """Validate a weight ``W`` (out, in) and its Hessian ``H`` (in, in); return W as float64
+    (a view when it already is) and a fresh symmetrised float64 copy of H."""
     W = as_float_matrix(W, "W")
     H = as_float_matrix(H, "H")
     if H.shape[0] != H.shape[1]:
@@ -37,7 +38,7 @@ def check_layer(W: object, H: object, group_size: int, symmetric_tol: float = 1e
             f"H must be (in, in) = ({W.shape[1]}, {W.shape[1]}), e.g. X.T @ X / N"
         )
     scale = max(float(np.abs(H).max()), 1e-300)
-    asym = float(np.abs(H - H.T).max())
+    asym = max_asymmetry(H)
     if asym > symmetric_tol * scale:
         raise ValueError(
             f"H: not symmetric (max |H - H.T| = {asym:.3g}, relative {asym / scale:.3g}); "
@@ -46,7 +47,15 @@ def check_layer(W: object, H: object, group_size: int, symmetric_tol: float = 1e
     if np.any(np.diag(H) < 0):
         raise ValueError("H: has negative diagonal entries, so it is not positive semi-definite")
     check_group_size(group_size, W.shape[1])
-    return W, (H + H.T) / 2
+    Hs = H.copy()  # (H + Hᵀ)/2 bit for bit, without (in, in) temporaries besides the result
+    Hs += H.T
+    Hs *= 0.5
+    return W, Hs
+
+
+def max_asymmetry(H: np.ndarray, rows: int = 256) -> float:
+    """max |H − Hᵀ|, a block of rows at a time (no (in, in) temporary)."""
+    return max(float(np.abs(H[i:i + rows] - H[:, i:i + rows].T).max()) for i in range(0, H.shape[0], rows))
 
 
 def check_group_size(group_size: int, n_in: int) -> None:

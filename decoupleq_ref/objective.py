@@ -28,14 +28,29 @@ def layer_loss(W: np.ndarray, W_hat: np.ndarray, H: np.ndarray) -> float:
     return float(row_losses(W, W_hat, H).sum())
 
 
-def damp_hessian(H: np.ndarray, damp: float) -> np.ndarray:
-    """H + λ·I with λ = damp · mean(diag H): keeps H positive definite (GPTQ's percdamp).
-
-    If diag(H) is all zero (no calibration signal) λ falls back to ``damp`` so the objective
-    becomes plain MSE instead of an all-zero matrix.
-    """
+def damping(H: np.ndarray, damp: float) -> float:
+    """λ = damp · mean(diag H), or ``damp`` itself if diag(H) is all zero (no calibration
+    signal: the objective becomes plain MSE instead of an all-zero matrix)."""
     mean_diag = float(np.mean(np.diag(H)))
-    lam = damp * (mean_diag if mean_diag > 0 else 1.0)
+    return damp * (mean_diag if mean_diag > 0 else 1.0)
+
+
+def damp_hessian(H: np.ndarray, damp: float) -> np.ndarray:
+    """H + λ·I with λ = damping(H, damp): keeps H positive definite (GPTQ's percdamp)."""
     Hd = H.copy()
-    Hd[np.diag_indices_from(Hd)] += lam
+    Hd[np.diag_indices_from(Hd)] += damping(H, damp)
     return Hd
+
+
+def residual_norms(W: np.ndarray, q: np.ndarray, scale: np.ndarray, zero: np.ndarray) -> np.ndarray:
+    """‖s·q_i + z − W_i‖² for every row."""
+    n_in = W.shape[1]
+    R = (np.repeat(scale, n_in // scale.shape[1], axis=1) * q + np.repeat(zero, n_in // zero.shape[1], axis=1)) - W
+    return np.einsum("ij,ij->i", R, R)
+
+
+def undamped_losses(damped: np.ndarray, residual_sq: np.ndarray, lam: float) -> np.ndarray:
+    """ℓ_i on H from ℓ_i on H + λI: r H rᵀ = r (H + λI) rᵀ − λ‖r‖². Where the difference is
+    within rounding of the damped value (H singular along r, e.g. H = 0) it is 0."""
+    loss = damped - lam * residual_sq
+    return np.where(loss > 8 * np.finfo(np.float64).eps * np.abs(damped), loss, 0.0)

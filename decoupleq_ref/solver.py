@@ -25,7 +25,7 @@ from .format import QuantResult, dequantize_parts
 from .hp_branch import Branch, add_branch, branch_weight
 from .init import init_scale_zero, placement_starts, quantize_rtn
 from .integer_step import gptq_factor, integer_step
-from .objective import damp_hessian, row_losses
+from .objective import damp_hessian, damping, residual_norms, row_losses, undamped_losses
 from .refine import refine_integers, refine_profiled
 
 
@@ -49,6 +49,8 @@ class SolverOps:
     integer_step: Callable = integer_step
     refine_integers: Callable = refine_integers
     refine_profiled: Callable = refine_profiled
+    residual_norms: Callable = residual_norms
+    exact_losses: Callable = proposal_losses  # the reported loss: always the product, never a formula
 
 
 REFERENCE_OPS = SolverOps()
@@ -57,6 +59,18 @@ REFERENCE_OPS = SolverOps()
 def keep_better(best: np.ndarray, proposal: np.ndarray) -> np.ndarray:
     """Rows where the proposal strictly lowers the objective (ties keep the incumbent)."""
     return proposal < best
+
+
+def unchanged_rows(q: np.ndarray, scale: np.ndarray, zero: np.ndarray,
+                   q_new: np.ndarray, s_new: np.ndarray, z_new: np.ndarray) -> np.ndarray:
+    """Rows whose proposal (q, s, z) equals the incumbent's bit for bit.
+
+    Such a row has the incumbent's objective by definition. For the reference this changes
+    nothing (equal inputs give an equal loss); a backend that evaluates a proposal's loss by an
+    equivalent formula (kernels_numba: from the float step's normal equations or GPTQ's errors)
+    differs from the incumbent's value by rounding, and must not count that as an improvement:
+    the improved-row count drives the early exit."""
+    return ((q_new == q).all(axis=1) & (s_new == scale).all(axis=1) & (z_new == zero).all(axis=1))
 
 
 @dataclass
@@ -73,6 +87,7 @@ class Run:
 
     def offer(self, name: str, q: np.ndarray, scale: np.ndarray, zero: np.ndarray, obj: np.ndarray) -> float:
         """Rows whose objective the proposal lowers take it; returns the fraction that did."""
+        obj = np.where(unchanged_rows(self.q, self.scale, self.zero, q, scale, zero), self.obj, obj)
         better = keep_better(self.obj, obj)
         self.q[better], self.scale[better], self.zero[better], self.obj[better] = (
             q[better], scale[better], zero[better], obj[better])
@@ -156,10 +171,17 @@ def quantize_layer(W: np.ndarray, H: np.ndarray, cfg: QuantConfig | None = None,
     Raises ValueError for malformed input (see checks.py). ``ops``: see ``SolverOps``.
     """
     cfg = cfg or QuantConfig()
-    W, H = check_layer(W, H, cfg.group_size)
-    H_obj = Hd = damp_hessian(H, cfg.damp)
+    W, H = check_layer(W, H, cfg.group_size)  # H: a fresh symmetrised copy, ours to modify
+    lam = damping(H, cfg.damp)
     branch = None
-    if cfg.hp_channels:
+    if not cfg.hp_channels:
+        # Damp in place: the solve never needs the undamped H, only the final loss on it, which
+        # r H rᵀ = r H_d rᵀ − λ‖r‖² gives (one (in, in) array less: 128 MiB at in = 4096).
+        H[np.diag_indices_from(H)] += lam
+        H_obj = Hd = H
+        H = None
+    else:
+        H_obj = Hd = damp_hessian(H, cfg.damp)
         # The fp16 branch's columns are free: the quantized part is solved on the Schur-complement
         # Hessian (hp_branch.py), and B is its closed-form completion afterwards.
         branch = Branch.prepare(W, H, H_obj, cfg.hp_channels, cfg.hp_select, cfg.bits, cfg.group_size)
@@ -178,7 +200,8 @@ def quantize_layer(W: np.ndarray, H: np.ndarray, cfg: QuantConfig | None = None,
     objective = float(run.obj.sum())
     hp_index = hp_weight = None
     if branch is None:
-        row_loss = ops.proposal_losses(W, run.q, run.scale, run.zero, H)  # no (out, in) Ŵ: see SolverOps
+        row_loss = undamped_losses(ops.exact_losses(W, run.q, run.scale, run.zero, Hd),
+                                   ops.residual_norms(W, run.q, run.scale, run.zero), lam)
     else:
         W_hat = dequantize_parts(run.q, run.scale, run.zero)
         hp_index, hp_weight = branch.index, branch_weight(W, W_hat, H_obj, branch.index)

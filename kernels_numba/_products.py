@@ -1,12 +1,15 @@
-"""W·H, shared by the steps of one solve.
+"""What the steps of one solve share: W·H, and the losses of proposals the steps already know.
 
-The reference recomputes W·H_d in every float step and in the init; inside
-``kernels_numba.quantize_layer`` it is computed once per (W, H) pair and reused. Outside a solve
-(a kernel called on its own) nothing is cached, so stale products are impossible.
+The reference recomputes W·H_d in every float step and in the init, and judges every proposal
+with a residual product; inside ``kernels_numba.quantize_layer`` W·H is computed once per (W, H)
+pair, and a proposal made by the init, the float step or GPTQ takes the loss that step computed
+on the way (docs/ALGORITHM.md §4, "Evaluating a proposal"). Outside a solve (a kernel called on
+its own) nothing is cached, so stale values are impossible.
 """
 
 from __future__ import annotations
 
+import hashlib
 import threading
 from contextlib import contextmanager
 from typing import Iterator
@@ -45,3 +48,68 @@ def wh(W: np.ndarray, H: np.ndarray) -> np.ndarray:
     if hit is None or hit[0] is not W or hit[1] is not H:
         hit = cache[key] = (W, H, matmul(W, H))
     return hit[2]
+
+
+# Proposal losses the steps already know. The float step has the normal equations P θ = y of
+# the rows it solved, so ℓ = θᵀPθ − 2θᵀy + w H wᵀ costs O(G²) per row; GPTQ's rounding errors
+# e give ℓ = ‖e‖² − λ‖ŵ − w‖² (U H_λ Uᵀ = I for the Cholesky factor U of H_λ⁻¹, H_λ = H + λI).
+# Each replaces an (out, in)·(in, in) product in proposal_losses. Entries are keyed on a digest
+# of (q, s, z) (the orchestration mutates its incumbent arrays in place, so identity is not
+# enough) and on the identity of W and H.
+
+def _digest(q: np.ndarray, scale: np.ndarray, zero: np.ndarray) -> bytes:
+    h = hashlib.blake2b(digest_size=16)
+    for a in (q, scale, zero):
+        a = np.ascontiguousarray(a)
+        h.update(f"{a.dtype.str}{a.shape}".encode())
+        h.update(a.view(np.uint8).reshape(-1) if a.size else b"")
+    return h.digest()
+
+
+def in_solve() -> bool:
+    """True inside kernels_numba.quantize_layer (shared_products active): losses are worth keeping."""
+    return bool(_active())
+
+
+def remember_losses(W: np.ndarray, H: np.ndarray, q: np.ndarray, scale: np.ndarray, zero: np.ndarray,
+                    losses: np.ndarray, size: np.ndarray) -> None:
+    """Record ℓ(q, s, z) on (W, H) for proposal_losses later in this solve (no-op outside one).
+    ``size``: per row, the magnitude of the terms ℓ was computed from (its rounding error is a few
+    ulps of it); rows with ℓ below RELIABLE·size are recomputed by proposal_losses."""
+    stack = _active()
+    if stack:
+        stack[-1].setdefault("losses", {})[_digest(q, scale, zero)] = (W, H, losses, size)
+
+
+#: A formula loss counts only where it is this large relative to the terms it came from: below,
+#: cancellation leaves mostly rounding (constant or exactly representable rows, ℓ ≈ 0), and the
+#: comparison with the incumbent would be decided by noise; such rows get the residual product.
+RELIABLE = 1e-9
+
+
+def recall_losses(W: np.ndarray, H: np.ndarray, q: np.ndarray, scale: np.ndarray,
+                  zero: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+    """(ℓ, rows to recompute) recorded by remember_losses for exactly these (W, H, q, s, z)
+    values, else None."""
+    stack = _active()
+    if not stack or "losses" not in stack[-1]:
+        return None
+    entry = stack[-1]["losses"].get(_digest(q, scale, zero))
+    if entry is None or entry[0] is not W or entry[1] is not H:
+        return None
+    losses, size = entry[2], entry[3]
+    return losses.copy(), np.nonzero(~(losses > RELIABLE * size))[0]
+
+
+def remember_shift(U: np.ndarray, shift: float) -> None:
+    """Record the λ that GPTQ's factor U = chol((H + λI)⁻¹) was built with (for gptq_losses)."""
+    stack = _active()
+    if stack:
+        stack[-1]["shift"] = (U, shift)
+
+
+def recall_shift(U: np.ndarray) -> float | None:
+    """λ of this factor when it was built in the current solve, else None."""
+    stack = _active()
+    entry = stack[-1].get("shift") if stack else None
+    return entry[1] if entry is not None and entry[0] is U else None

@@ -17,9 +17,11 @@ from decoupleq_ref.integer_step import act_order_perm
 
 from ._blas import matmul
 from ._compat import get_num_threads, njit, prange, require
+from ._products import recall_shift, remember_losses, remember_shift
 from .init import _clip_code, _den
 
-__all__ = ["act_order_perm", "gptq_factor", "gptq_round", "integer_step", "inverse_cholesky_upper", "relax_box"]
+__all__ = ["act_order_perm", "gptq_factor", "gptq_round", "integer_step", "inverse_cholesky_upper", "relax_box",
+           "residual_norms"]
 
 
 @njit(parallel=True)
@@ -49,6 +51,7 @@ def inverse_cholesky_upper(H: np.ndarray, damp: float, perm: np.ndarray | None =
         ok = ok and lapack.dpotrf(F, lower=1, overwrite_a=1)[1] == 0  # inverse = L Lᵀ, U = Lᵀ
         if ok:
             _zero_below_diagonal(A)  # A's upper triangle is F's lower: Lᵀ = U
+            remember_shift(A, factor * mean_diag)
             return A
         del A, F
     raise np.linalg.LinAlgError("H: not positive definite even after damping by 100·mean(diag H)")
@@ -146,13 +149,49 @@ def gptq_round(W: np.ndarray, scale: np.ndarray, zero: np.ndarray, H: np.ndarray
     Q = np.empty(W.shape, np.uint8)
     scale = np.ascontiguousarray(scale, dtype=np.float64)
     zero = np.ascontiguousarray(zero, dtype=np.float64)
+    shift = recall_shift(U)
+    err_sq = np.zeros(W.shape[0])
     for i1 in range(0, n, block_size):
         i2 = min(i1 + block_size, n)
         Err = np.empty((W.shape[0], i2 - i1))
         _gptq_block(Wp, Q, Err, scale, zero, gidx, U, i1, i2, maxq, _parts(W.shape[0]))
+        if shift is not None:
+            err_sq += np.einsum("ij,ij->i", Err, Err)
         if i2 < n:
             _trailing_update(Wp, Err, np.ascontiguousarray(U[i1:i2, i2:]), i2, _parts(W.shape[0]))
-    return _unpermute_cols(Q, perm)
+    q = _unpermute_cols(Q, perm)
+    if shift is not None and H is not None:
+        res_sq = residual_norms(W, q, scale, zero)
+        remember_losses(W, H, q, scale, zero, gptq_losses(err_sq, shift, res_sq), err_sq)
+    return q
+
+
+def gptq_losses(err_sq: np.ndarray, shift: float, res_sq: np.ndarray) -> np.ndarray:
+    """ℓ_i = ‖e_i‖² − λ‖ŵ_i − w_i‖²: GPTQ's loss identity. With U the upper Cholesky factor of
+    (H + λI)⁻¹, the rounding errors e_c = (w'_c − ŵ_c)/U_cc satisfy ŵ − w = −e·U, so
+    (ŵ − w)(H + λI)(ŵ − w)ᵀ = e·U(H + λI)Uᵀ·eᵀ = ‖e‖²; the λ GPTQ adds is taken back out."""
+    return err_sq - shift * res_sq
+
+
+def residual_norms(W: np.ndarray, q: np.ndarray, scale: np.ndarray, zero: np.ndarray) -> np.ndarray:
+    """‖s·q_i + z − W_i‖² per row (mirrors decoupleq_ref.objective.residual_norms, no (out, in) copy)."""
+    return _residual_sq(q, np.ascontiguousarray(scale, dtype=np.float64), np.ascontiguousarray(zero, dtype=np.float64), W)
+
+
+@njit(parallel=True)
+def _residual_sq(q, scale, zero, W):
+    """‖s·q_i + z − W_i‖² per row."""
+    n = q.shape[1]
+    gs = n // scale.shape[1]
+    out = np.empty(q.shape[0])
+    for i in prange(q.shape[0]):
+        acc = 0.0
+        for j in range(n):
+            g = j // gs
+            r = (scale[i, g] * q[i, j] + zero[i, g]) - W[i, j]
+            acc += r * r
+        out[i] = acc
+    return out
 
 
 @njit(parallel=True)

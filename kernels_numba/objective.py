@@ -2,7 +2,8 @@
 
 ``proposal_losses`` forms the residual R = s·q + z − W one row chunk at a time in a compiled
 kernel (same operations as the reference's dequantize_parts, so R is bitwise the reference's)
-and takes ℓ_i = Σ_j (R H)_ij R_ij with the same BLAS product and einsum as the reference.
+and takes ℓ_i = Σ_j (R H)_ij R_ij with the same BLAS product and einsum as the reference —
+unless the step that made the proposal already knows its loss (see ``_products``).
 """
 
 from __future__ import annotations
@@ -13,8 +14,9 @@ from decoupleq_ref.objective import damp_hessian, layer_loss, row_losses  # not 
 
 from ._blas import matmul
 from ._compat import njit, prange
+from ._products import recall_losses
 
-__all__ = ["damp_hessian", "layer_loss", "row_losses", "proposal_losses", "residual_rows", "row_chunk"]
+__all__ = ["damp_hessian", "exact_losses", "layer_loss", "row_losses", "proposal_losses", "residual_rows", "row_chunk"]
 
 ROW_CHUNK_BYTES = 16 << 20  # (chunk, in) float64 temporaries stay around 16 MiB
 
@@ -39,7 +41,23 @@ def residual_rows(q, scale, zero, W, r0, r1):
 
 
 def proposal_losses(W: np.ndarray, q: np.ndarray, scale: np.ndarray, zero: np.ndarray, H: np.ndarray) -> np.ndarray:
-    """ℓ_i = (s·q_i + z − W_i) H (…)ᵀ for every row (mirrors decoupleq_ref.solver.proposal_losses)."""
+    """ℓ_i = (s·q_i + z − W_i) H (…)ᵀ for every row (mirrors decoupleq_ref.solver.proposal_losses).
+
+    Inside a solve, a proposal the float step or GPTQ just produced takes the loss that step
+    already computed (``_products.recall_losses``: same value up to rounding, no product)."""
+    known = recall_losses(W, H, q, scale, zero)
+    if known is not None:
+        losses, redo = known
+        if redo.size:  # rows whose formula value is mostly rounding: the exact product
+            R = (np.take(scale, redo, 0).repeat(W.shape[1] // scale.shape[1], axis=1) * np.take(q, redo, 0)
+                 + np.take(zero, redo, 0).repeat(W.shape[1] // scale.shape[1], axis=1)) - np.take(W, redo, 0)
+            losses[redo] = np.einsum("ij,ij->i", matmul(R, H), R)
+        return losses
+    return exact_losses(W, q, scale, zero, H)
+
+
+def exact_losses(W: np.ndarray, q: np.ndarray, scale: np.ndarray, zero: np.ndarray, H: np.ndarray) -> np.ndarray:
+    """ℓ_i by the residual product, never from a step's formula (the loss a solve reports)."""
     out, n = W.shape
     res = np.empty(out)
     step = row_chunk(n)

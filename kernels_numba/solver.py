@@ -21,8 +21,8 @@ from ._compat import require
 from ._products import shared_products
 from .float_step import closed_form_scale_zero
 from .init import init_scale_zero, quantize_rtn
-from .integer_step import gptq_factor, integer_step
-from .objective import proposal_losses, row_losses
+from .integer_step import gptq_factor, integer_step, residual_norms
+from .objective import exact_losses, proposal_losses, row_losses
 from .refine import refine_integers, refine_profiled
 
 # placement_starts stays the reference's: it ranks 49 grid candidates per row, and candidates
@@ -40,6 +40,8 @@ OPS = SolverOps(
     integer_step=integer_step,
     refine_integers=refine_integers,
     refine_profiled=refine_profiled,
+    residual_norms=residual_norms,
+    exact_losses=exact_losses,
 )
 
 

@@ -62,11 +62,17 @@ CONFIGS = {
 
 
 def assert_agree(a: dq.QuantResult, b: dq.QuantResult, min_same: float = 0.999) -> None:
-    """Same shapes and dtypes, ≥ min_same of the codes equal, losses within 1e-6 relative."""
+    """Same shapes and dtypes, ≥ min_same of the codes equal outside float ties, losses within
+    1e-6 relative. A float tie is a row whose codes differ but whose loss is the same to 1e-9
+    relative (e.g. two codings of one Ŵ, q and q + 1 with z − s): the backend computes the
+    step losses by other formulas (kernels_numba._products), so it may break such a tie the
+    other way; the issue allows differences from float ties only, which is what this checks."""
     for f in ("q", "scale", "zero", "row_loss"):
         x, y = getattr(a, f), getattr(b, f)
         assert x.shape == y.shape and x.dtype == y.dtype, f
-    assert np.mean(a.q == b.q) >= min_same
+    tie = (a.q != b.q).any(axis=1) & np.isclose(a.row_loss, b.row_loss, rtol=1e-9, atol=1e-15)
+    assert tie.mean() <= 0.05, f"{tie.sum()} tied rows of {len(tie)}"
+    assert np.mean(a.q[~tie] == b.q[~tie]) >= min_same
     for f in ("loss", "objective"):
         x, y = getattr(a, f), getattr(b, f)
         assert abs(x - y) <= 1e-6 * abs(x) + 1e-15, (f, x, y)

@@ -62,7 +62,7 @@ def test_reference_lands_near_the_official_style_solver():
     ratios = []
     for seed in range(4):
         W, H = layer(20 + seed, out=16, n_in=64)
-        r = official_quantize(W, H, bits=2, group_size=-1, dtype=torch.float64)
-        ours = dq.quantize_layer(W, H, dq.QuantConfig(bits=2, group_size=-1, iters=4)).objective
+        r = official_quantize(W, H, bits=2, group_size=-1, max_iter_num=4, dtype=torch.float64)
+        ours = dq.quantize_layer(W, H, dq.QuantConfig(bits=2, group_size=-1, iters=3)).objective  # ALGORITHM.md §4
         ratios.append(ours / r["loss_damped"])
     assert np.exp(np.mean(np.log(ratios))) < 1.05, ratios

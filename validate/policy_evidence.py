@@ -24,7 +24,7 @@ def official_impl(W: Any, H: Any, config: dict) -> dict:
 
     if config["symmetric"] or config["method"] != "decoupleq" or config["hp_channels"]:
         raise NotImplementedError("the official-style port covers asymmetric decoupleq without the fp16 branch")
-    r = official_quantize(W, H, bits=config["bits"], group_size=config["group_size"], max_iter_num=config["iters"],
+    r = official_quantize(W, H, bits=config["bits"], group_size=config["group_size"], max_iter_num=config["iters"] + 1,
                           perdamp=config["damp"], act_order=config["act_order"], grid=config["grid"],
                           max_shrink=config["max_shrink"])
     return {"q": r["q_signed"], "scale": r["scale"], "zero": r["zero_signed"], "objective": r["loss_damped"]}
