@@ -21,13 +21,22 @@ try:
 except ImportError:  # optional: without it BLAS keeps its own threads (correct, slower)
     threadpool_limits = None
 
-__all__ = ["matmul", "one_blas_thread"]
+__all__ = ["all_blas_threads", "matmul", "one_blas_thread"]
 
 
 @contextmanager
 def one_blas_thread() -> Iterator[None]:
     """Limit every loaded BLAS to one thread for the duration of the block."""
     with threadpool_limits(1, user_api="blas") if threadpool_limits is not None else nullcontext():
+        yield
+
+
+@contextmanager
+def all_blas_threads() -> Iterator[None]:
+    """Give BLAS/LAPACK one thread per Numba thread again inside a one_blas_thread block, for a
+    call with no Numba kernel beside it (the O(in³) factorisation: LAPACK's own threading is the
+    only parallelism it has)."""
+    with threadpool_limits(get_num_threads(), user_api="blas") if threadpool_limits is not None else nullcontext():
         yield
 
 

@@ -17,6 +17,7 @@ from typing import Iterator
 import numpy as np
 
 from ._blas import matmul
+from ._compat import njit, prange
 
 _LOCAL = threading.local()  # one cache stack per thread: concurrent solves never share entries
 
@@ -57,12 +58,29 @@ def wh(W: np.ndarray, H: np.ndarray) -> np.ndarray:
 # of (q, s, z) (the orchestration mutates its incumbent arrays in place, so identity is not
 # enough) and on the identity of W and H.
 
+@njit(parallel=True)
+def _row_fnv(b):
+    """FNV-1a (64-bit) of every row of a 2-D uint8 array, rows in parallel."""
+    out = np.empty(b.shape[0], np.uint64)
+    for i in prange(b.shape[0]):
+        h = np.uint64(14695981039346656037)
+        for j in range(b.shape[1]):
+            h = (h ^ np.uint64(b[i, j])) * np.uint64(1099511628211)
+        out[i] = h
+    return out
+
+
 def _digest(q: np.ndarray, scale: np.ndarray, zero: np.ndarray) -> bytes:
+    """Digest of the values of (q, s, z): the large codes array through a compiled per-row hash
+    (blake2b over 16 MiB of codes cost 0.4 s per 4096² solve), the rest through blake2b."""
     h = hashlib.blake2b(digest_size=16)
     for a in (q, scale, zero):
         a = np.ascontiguousarray(a)
         h.update(f"{a.dtype.str}{a.shape}".encode())
-        h.update(a.view(np.uint8).reshape(-1) if a.size else b"")
+        if a.ndim == 2 and a.size >= 1 << 16:
+            h.update(_row_fnv(a.view(np.uint8).reshape(a.shape[0], -1)).tobytes())
+        elif a.size:
+            h.update(a.view(np.uint8).reshape(-1))
     return h.digest()
 
 

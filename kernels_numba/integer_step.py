@@ -15,7 +15,7 @@ import scipy.linalg.lapack as lapack
 
 from decoupleq_ref.integer_step import act_order_perm
 
-from ._blas import matmul
+from ._blas import all_blas_threads, matmul
 from ._compat import get_num_threads, njit, prange, require
 from ._products import recall_shift, remember_losses, remember_shift
 from .init import _clip_code, _den
@@ -46,9 +46,10 @@ def inverse_cholesky_upper(H: np.ndarray, damp: float, perm: np.ndarray | None =
         A = np.ascontiguousarray(H[np.ix_(perm, perm)], dtype=np.float64)  # fresh: a failure destroys it
         A[np.diag_indices(n)] += factor * mean_diag
         F = A.T  # Fortran-ordered view of the same memory, equal to A by symmetry
-        ok = lapack.dpotrf(F, lower=1, overwrite_a=1)[1] == 0
-        ok = ok and lapack.dpotri(F, lower=1, overwrite_c=1)[1] == 0  # lower triangle of the inverse
-        ok = ok and lapack.dpotrf(F, lower=1, overwrite_a=1)[1] == 0  # inverse = L Lᵀ, U = Lᵀ
+        with all_blas_threads():
+            ok = lapack.dpotrf(F, lower=1, overwrite_a=1)[1] == 0
+            ok = ok and lapack.dpotri(F, lower=1, overwrite_c=1)[1] == 0  # lower triangle of the inverse
+            ok = ok and lapack.dpotrf(F, lower=1, overwrite_a=1)[1] == 0  # inverse = L Lᵀ, U = Lᵀ
         if ok:
             _zero_below_diagonal(A)  # A's upper triangle is F's lower: Lᵀ = U
             remember_shift(A, factor * mean_diag)

@@ -276,3 +276,24 @@ def test_imports_without_numba_and_says_unavailable():
     """)
     run = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert run.returncode == 0 and run.stdout.strip() == "ok", run.stderr
+
+
+@pytest.mark.parametrize("group_size,symmetric", [(-1, False), (32, False), (16, True)])
+def test_step_loss_formulas_equal_the_residual_product(group_size, symmetric):
+    """The losses the init, float step and GPTQ hand to proposal_losses (normal equations;
+    ‖e‖² − λ'‖r‖²; the grid score) equal r H rᵀ by the product, on a layer with outlier columns."""
+    from kernels_numba._products import recall_losses, shared_products
+
+    W, H = structured_layer("outlier_cols", out=48, n_in=96, seed=3)
+    Hd = damp_hessian(H, 0.01)
+    ops = kn.OPS
+    with shared_products():
+        s, z, _ = ops.init_scale_zero(W, Hd, 2, group_size, symmetric, 200, 0.8)
+        q0 = ops.quantize_rtn(W, s, z, 2)
+        q = ops.integer_step(W, s, z, Hd, 2, True, 32, 0.01, 0, 1e-3, ops.gptq_factor(Hd, True, 0.01))
+        s2, z2 = ops.closed_form_scale_zero(q, W, Hd, 2, group_size, symmetric, s)
+        for args in ((q0, s, z), (q, s, z), (q, s2, z2)):
+            known = recall_losses(W, Hd, *args)
+            assert known is not None and known[1].size == 0  # every row from its formula
+            np.testing.assert_allclose(known[0], ops.exact_losses(W, *args, Hd), rtol=1e-10)
+        assert recall_losses(W, Hd, q, s2 * 1.5, z2) is None  # other (s, z): no stale value
