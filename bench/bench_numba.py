@@ -135,17 +135,18 @@ def bench_matmul(reps: int) -> None:
 
 
 CHILD = """
-import resource, sys, time, numpy as np, decoupleq_ref as dq, kernels_numba as kn
-def rss():
+import sys, time, numpy as np, decoupleq_ref as dq, kernels_numba as kn
+def status(key):
     for line in open('/proc/self/status'):
-        if line.startswith('VmRSS'):
+        if line.startswith(key):
             return int(line.split()[1]) * 1024
+rss = lambda: status('VmRSS')
 W, H = dq.synthetic_layer(out={out}, n_in={n})
 Ws, Hs = dq.synthetic_layer(out=32, n_in=128)
 kn.quantize_layer(Ws, Hs, dq.QuantConfig(group_size=64))
 before = rss()
 kn.quantize_layer(W, H, dq.QuantConfig(group_size=64))
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+peak = status('VmHWM')  # this process image's own peak (ru_maxrss keeps the forking parent's)
 print(before, peak)
 """
 
