@@ -92,6 +92,20 @@ def box_lower_bound(
 
 
 
+def profiled_loss_scalar(aa: float, a1: float, aw: float, oHo: float, oHw: float, wHw: float,
+                         symmetric: bool) -> float:
+    """One row's min_{s,z} ℓ from its code sums (aHaᵀ, aH1ᵀ, aHwᵀ) and the row constants: the
+    scalar form of ``profile`` in refine_profiled, same operations in the same order. Plain
+    Python on purpose: the compiled backends compile this one source (kernels_numba with njit,
+    gpu as a CUDA device function) instead of each keeping a copy."""
+    if symmetric:
+        return wHw - (aw * aw / aa if aa > 0 else 0.0)
+    det = aa * oHo - a1 * a1
+    if det > 1e-12 * abs(aa * oHo):
+        return wHw - (aw * aw * oHo - 2 * a1 * aw * oHw + aa * oHw * oHw) / det
+    return wHw - oHw * oHw / oHo  # constant a: only z is identifiable
+
+
 def refine_profiled(
     q: np.ndarray, W: np.ndarray, H: np.ndarray, bits: int, symmetric: bool, sweeps: int, rel_tol: float = 1e-12
 ) -> tuple[np.ndarray, int]:

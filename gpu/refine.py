@@ -24,6 +24,7 @@ from __future__ import annotations
 import numpy as np
 
 from decoupleq_ref.checks import check_layer
+from decoupleq_ref.refine import profiled_loss_scalar
 
 from ._cuda import blocks, cuda, jit, require
 from .linalg import gemm, transpose
@@ -68,15 +69,7 @@ def _refine_integers_kernel(q, W, scale, zero, H, Gt, maxq, sweeps, rel_tol, mov
     moves[i] = total
 
 
-@jit(device=True)
-def _profile(aa, a1, aw, oHo, oHw, wHw, symmetric):
-    """min_{s,z} ℓ_i for the code sums (aHaᵀ, aH1ᵀ, aHwᵀ): the reference's ``profile``."""
-    if symmetric:
-        return wHw - (aw * aw / aa if aa > 0 else 0.0)
-    det = aa * oHo - a1 * a1
-    if det > 1e-12 * abs(aa * oHo):
-        return wHw - (aw * aw * oHo - 2 * a1 * aw * oHw + aa * oHw * oHw) / det
-    return wHw - oHw * oHw / oHo  # constant a: only z is identifiable
+_profile = jit(device=True)(profiled_loss_scalar)  # the reference's scalar source, as a device function
 
 
 @jit

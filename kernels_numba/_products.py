@@ -131,3 +131,25 @@ def recall_shift(U: np.ndarray) -> float | None:
     stack = _active()
     entry = stack[-1].get("shift") if stack else None
     return entry[1] if entry is not None and entry[0] is U else None
+
+
+def row_fingerprints(q: np.ndarray) -> np.ndarray:
+    """A 64-bit hash of every row of the codes (compiled FNV-1a over the row's bytes)."""
+    q = np.ascontiguousarray(q)
+    return _row_fnv(q.view(np.uint8).reshape(q.shape[0], -1))
+
+
+def remember_float_step(W: np.ndarray, H: np.ndarray, key: tuple, rows: dict) -> None:
+    """Keep the last float step's per-row results (row fingerprints, s, z, ℓ) for this solve."""
+    stack = _active()
+    if stack:
+        stack[-1]["float_step"] = (W, H, key, rows)
+
+
+def recall_float_step(W: np.ndarray, H: np.ndarray, key: tuple) -> dict | None:
+    """The last float step's per-row results on the same (W, H) and settings, else None."""
+    stack = _active()
+    entry = stack[-1].get("float_step") if stack else None
+    if entry is None or entry[0] is not W or entry[1] is not H or entry[2] != key:
+        return None
+    return entry[3]

@@ -12,6 +12,7 @@ from __future__ import annotations
 import numpy as np
 
 from decoupleq_ref.refine import box_lower_bound  # not hot: reused as is
+from decoupleq_ref.refine import profiled_loss_scalar
 
 from ._blas import matmul
 from ._compat import njit, prange, require
@@ -69,15 +70,7 @@ def refine_integers(q: np.ndarray, W: np.ndarray, scale: np.ndarray, zero: np.nd
     return codes.astype(np.uint8), int(moves.sum())
 
 
-@njit(inline="always")
-def _profile(aa, a1, aw, oHo, oHw, wHw, symmetric):
-    """min_{s,z} ℓ from the sufficient statistics (refine_profiled's profile, same operation order)."""
-    if symmetric:
-        return wHw - (aw * aw / aa if aa > 0 else 0.0)
-    det = aa * oHo - a1 * a1
-    if det > 1e-12 * abs(aa * oHo):
-        return wHw - (aw * aw * oHo - 2 * a1 * aw * oHw + aa * oHw * oHw) / det
-    return wHw - oHw * oHw / oHo  # constant a: only z is identifiable
+_profile = njit(inline="always")(profiled_loss_scalar)  # the reference's scalar source, compiled
 
 
 @njit(parallel=True)
