@@ -141,8 +141,8 @@ def closed_form_scale_zero(q: np.ndarray, W: np.ndarray, H: np.ndarray, bits: in
             losses[rows] = quadratic_losses(P, y, theta, c)
             size[rows] = np.abs(c)
     if prints is not None:
-        remember_float_step(W, H, key, {"prints": prints, "scale": new_s, "zero": new_z, "losses": losses,
-                                        "size": size})
+        remember_float_step(W, H, key, {"prints": prints, "scale": new_s.copy(), "zero": new_z.copy(),
+                                        "losses": losses.copy(), "size": size})  # copies: the caller owns new_s, new_z
         remember_losses(W, H, q, new_s, new_z, losses, size)
     return new_s, new_z
 
