@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from .format import dequantize_parts
+
 
 def row_losses(W: np.ndarray, W_hat: np.ndarray, H: np.ndarray) -> np.ndarray:
     """ℓ_i = (Ŵ_i − W_i) H (Ŵ_i − W_i)ᵀ for every row i.
@@ -44,8 +46,7 @@ def damp_hessian(H: np.ndarray, damp: float) -> np.ndarray:
 
 def residual_norms(W: np.ndarray, q: np.ndarray, scale: np.ndarray, zero: np.ndarray) -> np.ndarray:
     """‖s·q_i + z − W_i‖² for every row."""
-    n_in = W.shape[1]
-    R = (np.repeat(scale, n_in // scale.shape[1], axis=1) * q + np.repeat(zero, n_in // zero.shape[1], axis=1)) - W
+    R = dequantize_parts(q, scale, zero) - W
     return np.einsum("ij,ij->i", R, R)
 
 

@@ -51,6 +51,19 @@ def wh(W: np.ndarray, H: np.ndarray) -> np.ndarray:
     return hit[2]
 
 
+def wh_row_dots(W: np.ndarray, H: np.ndarray) -> np.ndarray:
+    """c_i = W_i H W_iᵀ for every row, from wh (cached for the solve alongside it): the constant
+    term of every row's quadratic loss, used by the init's and every float step's loss."""
+    stack = _active()
+    key = ("rowdots", id(W), id(H))
+    hit = stack[-1].get(key) if stack else None
+    if hit is None or hit[0] is not W or hit[1] is not H:
+        hit = (W, H, np.einsum("ij,ij->i", W, wh(W, H)))
+        if stack:
+            stack[-1][key] = hit
+    return hit[2]
+
+
 # Proposal losses the steps already know. The float step has the normal equations P θ = y of
 # the rows it solved, so ℓ = θᵀPθ − 2θᵀy + w H wᵀ costs O(G²) per row; GPTQ's rounding errors
 # e give ℓ = ‖e‖² − λ‖ŵ − w‖² (U H_λ Uᵀ = I for the Cholesky factor U of H_λ⁻¹, H_λ = H + λI).
@@ -78,7 +91,7 @@ def _digest(q: np.ndarray, scale: np.ndarray, zero: np.ndarray) -> bytes:
         a = np.ascontiguousarray(a)
         h.update(f"{a.dtype.str}{a.shape}".encode())
         if a.ndim == 2 and a.size >= 1 << 16:
-            h.update(_row_fnv(a.view(np.uint8).reshape(a.shape[0], -1)).tobytes())
+            h.update(row_fingerprints(a).tobytes())
         elif a.size:
             h.update(a.view(np.uint8).reshape(-1))
     return h.digest()

@@ -15,7 +15,8 @@ from decoupleq_ref.float_step import degenerate_groups, solve_rows
 
 from ._blas import matmul
 from ._compat import njit, prange, require
-from ._products import in_solve, recall_float_step, remember_float_step, remember_losses, row_fingerprints, wh
+from ._products import (in_solve, recall_float_step, remember_float_step, remember_losses, row_fingerprints, wh,
+                        wh_row_dots)
 
 __all__ = ["closed_form_scale_zero", "normal_equations"]
 
@@ -103,14 +104,15 @@ def closed_form_scale_zero(q: np.ndarray, W: np.ndarray, H: np.ndarray, bits: in
     half = float(1 << (bits - 1))
     L = wh(W, H)
     new_s, new_z = np.empty((out, G)), np.empty((out, G))
-    losses, size = np.empty(out), np.empty(out)  # ℓ from the normal equations, for proposal_losses
     degenerate = degenerate_groups(q, G, bits, symmetric)
     key = (bits, G, bool(symmetric))
-    prints, prev = (row_fingerprints(q), recall_float_step(W, H, key)) if in_solve() else (None, None)
+    solving = in_solve()  # only then are the losses (for proposal_losses) and the rows' reuse worth it
+    prints, prev = (row_fingerprints(q), recall_float_step(W, H, key)) if solving else (None, None)
+    losses = np.empty(out) if solving else None
     todo = np.arange(out)
     if prev is not None:
         same = (prints == prev["prints"]) & ~degenerate.any(axis=1)
-        for name, arr in (("scale", new_s), ("zero", new_z), ("losses", losses), ("size", size)):
+        for name, arr in (("scale", new_s), ("zero", new_z), ("losses", losses)):
             arr[same] = prev[name][same]
         todo = np.nonzero(~same)[0]
     if todo.size:
@@ -137,13 +139,12 @@ def closed_form_scale_zero(q: np.ndarray, W: np.ndarray, H: np.ndarray, bits: in
                 theta[k] = solve_rows(P[k], y[k], fixed[k], value[k])
             new_s[rows] = theta[:, :G]
             new_z[rows] = -theta[:, :G] * (1 << (bits - 1)) if symmetric else theta[:, G:]
-            c = _row_dots(W[sel], L_rows)
-            losses[rows] = quadratic_losses(P, y, theta, c)
-            size[rows] = np.abs(c)
-    if prints is not None:
+            if solving:
+                losses[rows] = quadratic_losses(P, y, theta, wh_row_dots(W, H)[sel])
+    if solving:
         remember_float_step(W, H, key, {"prints": prints, "scale": new_s.copy(), "zero": new_z.copy(),
-                                        "losses": losses.copy(), "size": size})  # copies: the caller owns new_s, new_z
-        remember_losses(W, H, q, new_s, new_z, losses, size)
+                                        "losses": losses.copy()})  # copies: the caller owns new_s, new_z
+        remember_losses(W, H, q, new_s, new_z, losses, np.abs(wh_row_dots(W, H)))
     return new_s, new_z
 
 
@@ -152,15 +153,3 @@ def quadratic_losses(P: np.ndarray, y: np.ndarray, theta: np.ndarray, c: np.ndar
     since Ŵ_i = θ_i·basis and P, y are basis·H·basisᵀ and basis·H·W_iᵀ (for any θ, so the
     degenerate groups' fixed entries are covered). O(G²) per row instead of O(in²)."""
     return np.einsum("ij,ij->i", theta, np.einsum("ijk,ik->ij", P, theta) - 2.0 * y) + c
-
-
-@njit(parallel=True)
-def _row_dots(W, L):
-    """c_i = Σ_j W_ij L_ij = W_i H W_iᵀ for every row (L = W·H on the same rows)."""
-    c = np.empty(W.shape[0])
-    for k in prange(W.shape[0]):
-        acc = 0.0
-        for j in range(W.shape[1]):
-            acc += W[k, j] * L[k, j]
-        c[k] = acc
-    return c

@@ -30,7 +30,7 @@ from decoupleq_ref.init import minmax_range, minmax_scale_zero, shrink_factors  
 
 from ._blas import matmul
 from ._compat import njit, prange, require
-from ._products import in_solve, remember_losses, wh
+from ._products import in_solve, remember_losses, wh, wh_row_dots
 from .objective import residual_rows, row_chunk
 
 __all__ = ["init_scale_zero", "minmax_range", "minmax_scale_zero", "quantize_rtn", "shrink_factors"]
@@ -256,5 +256,5 @@ def init_scale_zero(W: np.ndarray, H: np.ndarray, bits: int, group_size: int, sy
     p = ps[kbest][:, None]
     scale, zero = minmax_scale_zero(p * xmin, p * xmax, bits, symmetric)
     if in_solve():  # the solver's first proposal is exactly RTN on this grid: its loss is known
-        remember_losses(W, H, _rtn_codes(W, scale, zero, maxq), scale, zero, loss, np.abs(np.einsum("ij,ij->i", W, t)))
+        remember_losses(W, H, _rtn_codes(W, scale, zero, maxq), scale, zero, loss, np.abs(wh_row_dots(W, H)))
     return scale, zero, loss

@@ -19,9 +19,9 @@ from ._blas import all_blas_threads, matmul
 from ._compat import get_num_threads, njit, prange, require
 from ._products import recall_shift, remember_losses, remember_shift
 from .init import _clip_code, _den
+from .objective import residual_norms
 
-__all__ = ["act_order_perm", "gptq_factor", "gptq_round", "integer_step", "inverse_cholesky_upper", "relax_box",
-           "residual_norms"]
+__all__ = ["act_order_perm", "gptq_factor", "gptq_round", "integer_step", "inverse_cholesky_upper", "relax_box"]
 
 
 @njit(parallel=True)
@@ -180,27 +180,6 @@ def gptq_losses(err_sq: np.ndarray, shift: float, res_sq: np.ndarray) -> np.ndar
     (H + λI)⁻¹, the rounding errors e_c = (w'_c − ŵ_c)/U_cc satisfy ŵ − w = −e·U, so
     (ŵ − w)(H + λI)(ŵ − w)ᵀ = e·U(H + λI)Uᵀ·eᵀ = ‖e‖²; the λ GPTQ adds is taken back out."""
     return err_sq - shift * res_sq
-
-
-def residual_norms(W: np.ndarray, q: np.ndarray, scale: np.ndarray, zero: np.ndarray) -> np.ndarray:
-    """‖s·q_i + z − W_i‖² per row (mirrors decoupleq_ref.objective.residual_norms, no (out, in) copy)."""
-    return _residual_sq(q, np.ascontiguousarray(scale, dtype=np.float64), np.ascontiguousarray(zero, dtype=np.float64), W)
-
-
-@njit(parallel=True)
-def _residual_sq(q, scale, zero, W):
-    """‖s·q_i + z − W_i‖² per row."""
-    n = q.shape[1]
-    gs = n // scale.shape[1]
-    out = np.empty(q.shape[0])
-    for i in prange(q.shape[0]):
-        acc = 0.0
-        for j in range(n):
-            g = j // gs
-            r = (scale[i, g] * q[i, j] + zero[i, g]) - W[i, j]
-            acc += r * r
-        out[i] = acc
-    return out
 
 
 @njit(parallel=True)

@@ -10,13 +10,15 @@ from __future__ import annotations
 
 import numpy as np
 
+from decoupleq_ref.format import dequantize_parts
 from decoupleq_ref.objective import damp_hessian, layer_loss, row_losses  # not hot: reused as is
 
 from ._blas import matmul
 from ._compat import njit, prange
 from ._products import recall_losses
 
-__all__ = ["damp_hessian", "exact_losses", "layer_loss", "row_losses", "proposal_losses", "residual_rows", "row_chunk"]
+__all__ = ["damp_hessian", "exact_losses", "layer_loss", "row_losses", "proposal_losses", "residual_norms",
+           "residual_rows", "row_chunk"]
 
 ROW_CHUNK_BYTES = 16 << 20  # (chunk, in) float64 temporaries stay around 16 MiB
 
@@ -26,18 +28,42 @@ def row_chunk(n_in: int) -> int:
     return max(16, ROW_CHUNK_BYTES // (8 * max(n_in, 1)))
 
 
+@njit(inline="always")
+def _residual(q, scale, zero, W, i, j, gs):
+    """(s·q + z − W)[i, j]: s·q first, then + z, then − W, as the reference rounds it."""
+    g = j // gs
+    return (scale[i, g] * q[i, j] + zero[i, g]) - W[i, j]
+
+
 @njit(parallel=True)
 def residual_rows(q, scale, zero, W, r0, r1):
-    """(s·q + z − W)[r0:r1]: s·q first, then + z, then − W, as the reference rounds it."""
+    """(s·q + z − W)[r0:r1], rounded as the reference's dequantize_parts(q, s, z) − W."""
     n = q.shape[1]
     gs = n // scale.shape[1]
     R = np.empty((r1 - r0, n))
     for k in prange(r1 - r0):
-        i = r0 + k
         for j in range(n):
-            g = j // gs
-            R[k, j] = (scale[i, g] * q[i, j] + zero[i, g]) - W[i, j]
+            R[k, j] = _residual(q, scale, zero, W, r0 + k, j, gs)
     return R
+
+
+@njit(parallel=True)
+def _residual_sq(q, scale, zero, W):
+    n = q.shape[1]
+    gs = n // scale.shape[1]
+    out = np.empty(q.shape[0])
+    for i in prange(q.shape[0]):
+        acc = 0.0
+        for j in range(n):
+            r = _residual(q, scale, zero, W, i, j, gs)
+            acc += r * r
+        out[i] = acc
+    return out
+
+
+def residual_norms(W: np.ndarray, q: np.ndarray, scale: np.ndarray, zero: np.ndarray) -> np.ndarray:
+    """‖s·q_i + z − W_i‖² per row (mirrors decoupleq_ref.objective.residual_norms, no (out, in) copy)."""
+    return _residual_sq(q, np.ascontiguousarray(scale, dtype=np.float64), np.ascontiguousarray(zero, dtype=np.float64), W)
 
 
 def proposal_losses(W: np.ndarray, q: np.ndarray, scale: np.ndarray, zero: np.ndarray, H: np.ndarray) -> np.ndarray:
@@ -49,8 +75,7 @@ def proposal_losses(W: np.ndarray, q: np.ndarray, scale: np.ndarray, zero: np.nd
     if known is not None:
         losses, redo = known
         if redo.size:  # rows whose formula value is mostly rounding: the exact product
-            R = (np.take(scale, redo, 0).repeat(W.shape[1] // scale.shape[1], axis=1) * np.take(q, redo, 0)
-                 + np.take(zero, redo, 0).repeat(W.shape[1] // scale.shape[1], axis=1)) - np.take(W, redo, 0)
+            R = dequantize_parts(q[redo], scale[redo], zero[redo]) - W[redo]
             losses[redo] = np.einsum("ij,ij->i", matmul(R, H), R)
         return losses
     return exact_losses(W, q, scale, zero, H)

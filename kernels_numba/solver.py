@@ -21,8 +21,8 @@ from ._compat import require
 from ._products import shared_products
 from .float_step import closed_form_scale_zero
 from .init import init_scale_zero, quantize_rtn
-from .integer_step import gptq_factor, integer_step, residual_norms
-from .objective import exact_losses, proposal_losses, row_losses
+from .integer_step import gptq_factor, integer_step
+from .objective import exact_losses, proposal_losses, residual_norms, row_losses
 from .refine import refine_integers, refine_profiled
 
 # placement_starts stays the reference's: it ranks 49 grid candidates per row, and candidates
