@@ -1,17 +1,24 @@
 """y = x @ Ŵᵀ straight from the packed codes (docs/FORMAT.md), float32 activations.
 
-Small batches (GEMV, batch ≤ GEMV_MAX_BATCH) never build Ŵ. For b ∈ {1, 2, 4, 8} a byte holds
-c = 8/b whole codes, so byte j of any row contributes T[j, byte] = Σ_r code_r(byte)·x[c·j + r]
-to that row's x·q: one 256-entry table per byte position, built once per call (256·in/c adds),
-turns the GEMV into one table lookup and one add per byte (c codes) instead of c
-decode-multiply-adds; then y_i = Σ_g s_g·(group sum) + z_g·Σ_{k in g} x_k. Only the packed
-bytes (b/32 of a float32 weight) stream from memory. Sums run in float32 over one 16-byte slab,
-then in float64. Bit widths whose codes straddle bytes (3, 5, 6, 7) or groups that do not start
-on a 32-bit word decode each row into a small buffer first.
+Batches up to GEMV_MAX_BATCH never build Ŵ. For b ∈ {1, 2, 4, 8} a 32-bit word of a packed row
+holds C = 32/b whole codes, word j holding columns C·j … C·j + C − 1. With x transposed to
+xT[r, j] = x[C·j + r] (once per call), word j's share of x·q is
+
+    P[j] = Σ_r ((w_j >> b·r) & (2^b − 1)) · xT[r, j]
+
+and the loop over j reads w_j and each xT[r, ·] contiguously, so LLVM vectorises it across
+words: per code position r, one mask, int→float conversion and fused multiply-add for 8 (AVX2)
+or 16 (AVX-512) words at once. The mask is w & ((2^b − 1) << b·r), i.e. the code times 2^(b·r),
+met by xT[r] prescaled by 2^(−b·r) (exact; skipped when that would make some x subnormal).
+Four partial sums per word keep the adds out of one dependency chain: the word loop is compiled
+without reassociation, which would merge them again. Then
+y_i = Σ_g s_g·Σ_{j in g} P[j] + z_g·Σ_{k in g} x_k. Only the packed words (b/32 of a float32
+weight) are read. (The kernel before looked up one 256-entry table per byte; table loads do not
+vectorise, and it was 3-4x slower.) Bit widths whose codes straddle words (3, 5, 6, 7) and
+groups that do not start on a word decode each row into a small buffer first (GENERIC_GEMV).
 
 Larger batches (GEMM) dequantize tiles of TILE_ROWS rows to float32, one tile per thread, and
-multiply each with single-threaded BLAS: the full Ŵ is never materialised.
-"""
+multiply each with single-threaded BLAS: the full Ŵ is never materialised."""
 
 from __future__ import annotations
 
@@ -25,84 +32,118 @@ from .packing import _unpack_rows
 
 __all__ = ["GEMV_MAX_BATCH", "dequantize", "packed_matmul"]
 
-GEMV_MAX_BATCH = 4
+GEMV_MAX_BATCH = 32  # the word GEMV up to here: its cost grows with the batch, but at 32 it still
+# beats decoding tiles for BLAS (15 vs 22 ms for 4096², BENCHMARKS.md §3); past that BLAS wins
+GENERIC_GEMV_MAX_BATCH = 4  # the row-decoding GEMV for widths and groups that do not fit a word
 TILE_ROWS = 128
+GEMV_ROWS = 64  # rows per task of the word GEMV (one P buffer each)
 SUB_BYTES = 64  # float32 partial sums run over at most this many bytes (generic path)
-SLAB = 4  # words (16 bytes) of each row per pass of the table GEMV: a 16 KiB slice of the tables
+# fast-math without reassociation: LLVM may fuse multiply-adds but must keep the four
+# partial sums of _word_dots apart (with reassoc it folds them back into one serial chain)
+NO_REASSOC = {"contract", "nnan", "ninf", "nsz", "arcp"}
 
 
-@njit(parallel=True)
-def _byte_tables(x, bits):
-    """T[t, j, v] = Σ_r code_r(v) · x[t, c·j + r]: byte j's contribution to x·q for every byte value
-    v (c = 8/b codes per byte). Built from two 16-entry nibble tables (bit k of v is worth
-    2^(k mod b) · x[c·j + k // b]), so 256 adds per byte instead of 256·c products."""
-    batch, n = x.shape
-    c = 8 // bits
-    nb = n // c
-    T = np.empty((batch, nb, 256), np.float32)
-    for j in prange(nb):
-        lo = np.zeros(16, np.float32)
-        hi = np.zeros(16, np.float32)
-        for t in range(batch):
-            for v in range(16):
-                a = np.float32(0.0)
-                b = np.float32(0.0)
-                for k in range(4):
-                    if (v >> k) & 1:
-                        a += np.float32(1 << (k % bits)) * x[t, c * j + k // bits]
-                        b += np.float32(1 << ((k + 4) % bits)) * x[t, c * j + (k + 4) // bits]
-                lo[v] = a
-                hi[v] = b
-            for v in range(256):
-                T[t, j, v] = lo[v & 15] + hi[v >> 4]
-    return T
+def _make_word_gemv(bits: int, prescaled: bool):
+    """The word GEMV for one bit width: C = 32/b is a compile-time constant, so the loop over a
+    word's C codes unrolls and the loop over words vectorises. `prescaled`: xT[r] holds
+    x·2^(−b·r) for r < C − 1 (see _code)."""
+    C = 32 // bits
+    M = (1 << bits) - 1
+
+    @njit(inline="always")
+    def _code(w, k):
+        """Code k of word w as float32 — times 2^(b·k) when prescaled: w & (M << b·k) is one
+        operation where a shift and a mask are two, and exact (at most b significant bits). The
+        top code, whose mask holds the sign bit, is always shifted."""
+        if prescaled and k < C - 1:
+            return np.float32(np.int32(w & (M << (bits * k))))
+        return np.float32(np.int32((w >> (bits * k)) & M))
+
+    @njit(fastmath=NO_REASSOC)
+    def _word_dots(xT, row, P):
+        """P[j] = Σ_r ((row[j] >> b·r) & (2^b − 1)) · x[C·j + r] for every word j of one packed row."""
+        for j in range(row.shape[0]):
+            w = row[j]
+            s0 = np.float32(0.0)
+            s1 = np.float32(0.0)
+            s2 = np.float32(0.0)
+            s3 = np.float32(0.0)
+            for r in range(0, C, 4):
+                s0 += _code(w, r) * xT[r, j]
+                s1 += _code(w, r + 1) * xT[r + 1, j]
+                s2 += _code(w, r + 2) * xT[r + 2, j]
+                s3 += _code(w, r + 3) * xT[r + 3, j]
+            P[j] = (s0 + s1) + (s2 + s3)
+
+    @njit(parallel=True, fastmath=True)
+    def _gemv_words(xT, xs, words, scale, zero, y):
+        """y[t, i] = Σ_g s_ig·Σ_{j in g} P_t[j] + z_ig·xs[t, g], P_t from _word_dots on row i;
+        threads take blocks of GEMV_ROWS rows, each with its own P."""
+        out, nw = words.shape
+        wg = nw // scale.shape[1]
+        for blk in prange((out + GEMV_ROWS - 1) // GEMV_ROWS):
+            P = np.empty(nw, np.float32)
+            for i in range(blk * GEMV_ROWS, min(out, (blk + 1) * GEMV_ROWS)):
+                for t in range(xT.shape[0]):
+                    _word_dots(xT[t], words[i], P)
+                    y[t, i] = _scaled_group_sums(P, scale[i], zero[i], xs[t], wg)
+
+    return _gemv_words
 
 
-@njit(inline="always")
-def _word_sum(Tt, w, base):
-    """Σ over the 4 bytes of packed word w of their table entries (T rows base/256 … +3)."""
-    return ((Tt[base + (w & 255)] + Tt[base + 256 + ((w >> 8) & 255)])
-            + (Tt[base + 512 + ((w >> 16) & 255)] + Tt[base + 768 + (w >> 24)]))
-
-
-@njit(parallel=True, fastmath=True)
-def _gemv_tables(T, xs, words, scale, zero, wg, y):
-    """y[t, i] = Σ_g s_ig · Σ_{bytes j of g} T[t, j, p_ij] + z_ig · xs[t, g], reading the packed
-    row as uint32 words (wg words per group; byte k of word m is packed byte 4m + k).
-
-    Threads take row ranges; within one, the loop runs group by group and SLAB words at a time
-    over all its rows, so the 4·SLAB × 256 slice of T in use stays in L1."""
-    out = words.shape[0]
-    batch = T.shape[0]
-    G = scale.shape[1]
-    Tf = T.reshape(batch, -1)
-    parts = min(out, 8)
-    for p in prange(parts):
-        r0 = p * out // parts
-        r1 = (p + 1) * out // parts
-        acc = np.zeros((batch, r1 - r0))
-        dot = np.empty((batch, r1 - r0))
+@njit(fastmath=True)
+def _scaled_group_sums(P, s, z, xs, wg):
+    """Σ_g s[g]·Σ_{j in g} P[j] + z[g]·xs[g] for groups of wg words. Read-only loops with
+    the small group widths spelled out, which LLVM vectorises across groups (an in-place pairwise
+    fold does not vectorise: its stores may alias its loads)."""
+    G = s.shape[0]
+    tot = 0.0
+    if G == 1:
+        a = np.float32(0.0)
+        for j in range(P.shape[0]):
+            a += P[j]
+        return s[0] * np.float64(a) + z[0] * xs[0]
+    if wg == 1:
         for g in range(G):
-            dot[:] = 0.0
-            for m0 in range(g * wg, (g + 1) * wg, SLAB):
-                m1 = min(m0 + SLAB, (g + 1) * wg)
-                for t in range(batch):
-                    Tt = Tf[t]
-                    for i in range(r0, r1):
-                        part = np.float32(0.0)
-                        if m1 - m0 == SLAB:  # fixed trip count: fully unrolled
-                            for mm in range(SLAB):
-                                part += _word_sum(Tt, words[i, m0 + mm], (m0 + mm) << 10)
-                        else:
-                            for m in range(m0, m1):
-                                part += _word_sum(Tt, words[i, m], m << 10)
-                        dot[t, i - r0] += part
-            for t in range(batch):
-                for i in range(r0, r1):
-                    acc[t, i - r0] += scale[i, g] * dot[t, i - r0] + zero[i, g] * xs[t, g]
-        for t in range(batch):
-            for i in range(r0, r1):
-                y[t, i] = acc[t, i - r0]
+            tot += s[g] * np.float64(P[g]) + z[g] * xs[g]
+    elif wg == 2:
+        for g in range(G):
+            tot += s[g] * np.float64(P[2 * g] + P[2 * g + 1]) + z[g] * xs[g]
+    elif wg == 4:
+        for g in range(G):
+            tot += s[g] * np.float64((P[4 * g] + P[4 * g + 1]) + (P[4 * g + 2] + P[4 * g + 3])) + z[g] * xs[g]
+    else:
+        for g in range(G):
+            a = np.float32(0.0)
+            for j in range(g * wg, (g + 1) * wg):
+                a += P[j]
+            tot += s[g] * np.float64(a) + z[g] * xs[g]
+    return tot
+
+
+_WORD_GEMV: dict = {}
+
+
+def _word_gemv(bits: int, prescaled: bool):
+    if (bits, prescaled) not in _WORD_GEMV:
+        _WORD_GEMV[bits, prescaled] = _make_word_gemv(bits, prescaled)
+    return _WORD_GEMV[bits, prescaled]
+
+
+def _transposed_x(x: np.ndarray, bits: int, nw: int) -> tuple[np.ndarray, bool]:
+    """xT[t, r, j] = x[t, C·j + r] (zero past the last column, where the padding codes are 0),
+    prescaled by 2^(−b·r) for r < C − 1 unless that would make a value subnormal (|x| < 2^−96)
+    and lose bits; returns (xT, prescaled)."""
+    C = 32 // bits
+    batch, n = x.shape
+    xT = np.zeros((batch, nw * C), np.float32)
+    xT[:, :n] = x
+    xT = np.ascontiguousarray(xT.reshape(batch, nw, C).transpose(0, 2, 1))
+    ax = np.abs(x)
+    prescaled = not np.any((ax < 2.0 ** -96) & (ax > 0))
+    if prescaled:
+        xT[:, :-1] *= (2.0 ** (-bits * np.arange(C - 1, dtype=np.float32)))[:, None]
+    return xT, prescaled
 
 
 @njit(parallel=True, fastmath=True)
@@ -188,16 +229,14 @@ def packed_matmul(x: np.ndarray, layer: PackedLayer) -> np.ndarray:
     y = np.empty((batch, out), np.float32)
     if batch == 0:
         return y
-    if batch <= GEMV_MAX_BATCH:
+    C = 32 // layer.bits if 32 % layer.bits == 0 else 0
+    on_words = C and (scale.shape[1] == 1 or gs % C == 0)  # groups start on a 32-bit word
+    if batch <= (GEMV_MAX_BATCH if on_words else GENERIC_GEMV_MAX_BATCH):
         xs = x.reshape(batch, -1, gs).sum(axis=2, dtype=np.float64)
-        c = 8 // layer.bits if 8 % layer.bits == 0 else 0
-        per_channel = scale.shape[1] == 1
-        if c and (per_channel or gs % (4 * c) == 0):  # groups start on a 32-bit word
-            row_bytes = layer.packed.shape[1]
-            xp = np.zeros((batch, row_bytes * c), np.float32)  # the padding codes are 0 and meet x = 0
-            xp[:, :n] = x
-            words = layer.packed.view(np.uint32)
-            _gemv_tables(_byte_tables(xp, layer.bits), xs, words, scale, zero, words.shape[1] // scale.shape[1], y)
+        if on_words:
+            words = layer.packed.view(np.int32)  # little-endian words, docs/FORMAT.md
+            xT, prescaled = _transposed_x(x, layer.bits, words.shape[1])
+            _word_gemv(layer.bits, prescaled)(xT, xs, words, scale, zero, y)
         else:
             _gemv_generic(x, xs, layer.packed, scale, zero, layer.bits, gs, y)
     else:

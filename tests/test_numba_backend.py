@@ -215,10 +215,10 @@ def test_pack_unpack_are_the_reference(bits, out, n_in):
     np.testing.assert_array_equal(kn.unpack(packed, bits, (out, n_in)), q)
 
 
-@pytest.mark.parametrize("bits", [1, 2, 3, 4])
+@pytest.mark.parametrize("bits", [1, 2, 3, 4, 8])
 @pytest.mark.parametrize("out,n_in,gs,k", [(37, 96, -1, 0), (33, 96, 32, 3), (19, 120, 8, 0), (65, 256, 64, 5),
-                                            (7, 40, 20, 0)])
-@pytest.mark.parametrize("batch", [1, 3, 33])
+                                            (7, 40, 20, 0), (9, 96, 48, 0)])  # 48: 3 or 6 words per group
+@pytest.mark.parametrize("batch", [1, 3, 17, 33])
 def test_packed_matmul_matches_the_reference(bits, out, n_in, gs, k, batch):
     rng = np.random.default_rng(bits + out + batch)
     layer = random_layer(rng, out, n_in, bits, gs, k)
@@ -228,6 +228,18 @@ def test_packed_matmul_matches_the_reference(bits, out, n_in, gs, k, batch):
     assert y.dtype == np.float32 and y.shape == (batch, out)
     assert np.abs(y - ref).max() <= 1e-5 * np.abs(ref).max()
     np.testing.assert_allclose(kn.dequantize(layer), layer.dequantize(), rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("bits", [1, 2, 4, 8])
+@pytest.mark.parametrize("magnitude", [1e-36, 1e-20, 1e30])
+def test_packed_matmul_keeps_precision_for_tiny_and_huge_activations(bits, magnitude):
+    """The word GEMV prescales x by 2^(−b·r); activations that would turn subnormal there must take
+    the unscaled path instead of losing their low bits."""
+    rng = np.random.default_rng(bits)
+    layer = random_layer(rng, 24, 256, bits, 64)
+    x = (rng.standard_normal((2, 256)) * magnitude).astype(np.float32)
+    ref = dq.matmul(x.astype(np.float64), layer)
+    assert np.abs(kn.packed_matmul(x, layer) - ref).max() <= 1e-5 * np.abs(ref).max()
 
 
 def test_packed_matmul_on_a_solved_layer_with_branch():
