@@ -79,18 +79,19 @@ def quantize_rtn(W: np.ndarray, scale: np.ndarray, zero: np.ndarray, bits: int) 
 
 
 @njit
-def _fast_codes(w, z, inv, maxq, code, near):
-    """The reference's codes clamp(⌊(w − z)/den + ½⌋) for a group, via a multiply by inv = 1/den
-    in a branch-free (vectorised) loop. (w − z)·inv is within a few ulps of (w − z)/den, so the
-    floors can differ only where (w − z)/den + ½ is that close to an integer: those entries are
-    flagged in ``near`` and recomputed with the exact division by the caller."""
+def _flag_codes(w, z, inv, maxq, prev, flag):
+    """flag[j] = 1 where the reference's code clamp(⌊(w − z)/den + ½⌋) may differ from prev[j],
+    in a branch-free (vectorised) loop with a multiply by inv = 1/den: where the fast code
+    differs from prev, or where (w − z)/den + ½ is within a few ulps of an integer so the
+    multiply and the exact division may floor differently. The caller recomputes flagged
+    entries with the exact division; between neighbouring shrink factors few are flagged."""
     for j in range(w.shape[0]):
         f = (w[j] - z) * inv + 0.5
         fl = np.floor(f)
         d = f - fl
         tol = 1e-12 * (abs(f) + 1.0)
-        near[j] = (d < tol) | (d > 1.0 - tol)
-        code[j] = min(max(fl, 0.0), maxq)
+        code = min(max(fl, 0.0), maxq)
+        flag[j] = np.uint8((d < tol) | (d > 1.0 - tol) | (code != np.float64(prev[j])))
 
 
 @njit
@@ -111,8 +112,8 @@ def _grid_block(W, R1, g1, t, H, xmin, xmax, s1, q1, ps, maxq, half, symmetric, 
     cumg = np.zeros((m, K))
     cumt = np.zeros((m, K))
     prev = np.empty(n, np.uint8)
-    fcode = np.empty(gs)
-    near = np.empty(gs, np.bool_)
+    flag = np.zeros((gs + 7) // 8 * 8, np.uint8)  # scanned 8 at a time as uint64; the tail stays 0
+    flag8 = flag.view(np.uint64)
     ne = 0
     for ii in range(m):
         i = r0 + ii
@@ -140,19 +141,22 @@ def _grid_block(W, R1, g1, t, H, xmin, xmax, s1, q1, ps, maxq, half, symmetric, 
                 inv = 1.0 / den
                 sg = s1[i, g]
                 j0 = g * gs
-                _fast_codes(W[i, j0:j0 + gs], z, inv, float(maxq), fcode, near)
-                for j in range(j0, j0 + gs):
-                    c = int(fcode[j - j0])
-                    if near[j - j0]:  # within rounding of a half-integer: the exact division decides
-                        c = _clip_code(np.floor((W[i, j] - z) / den + 0.5), maxq)
-                    if c != prev[j]:
-                        v = sg * (np.float64(c) - np.float64(prev[j]))
-                        ej[ne] = j
-                        ev[ne] = v
-                        ne += 1
-                        dg += v * g1[i, j]
-                        dt += v * t[i, j]
-                        prev[j] = c
+                _flag_codes(W[i, j0:j0 + gs], z, inv, float(maxq), prev[j0:j0 + gs], flag)
+                for b in range(flag8.shape[0]):
+                    if flag8[b] == 0:  # the common case: eight codes that did not move
+                        continue
+                    for j in range(j0 + 8 * b, min(j0 + 8 * b + 8, j0 + gs)):
+                        if not flag[j - j0]:
+                            continue
+                        c = _clip_code(np.floor((W[i, j] - z) / den + 0.5), maxq)  # the reference's operation
+                        if c != prev[j]:
+                            v = sg * (np.float64(c) - np.float64(prev[j]))
+                            ej[ne] = j
+                            ev[ne] = v
+                            ne += 1
+                            dg += v * g1[i, j]
+                            dt += v * t[i, j]
+                            prev[j] = c
             off[ii, k + 1] = ne
             cumg[ii, k] = dg
             cumt[ii, k] = dt
