@@ -176,6 +176,9 @@ def run_cmd(
     group_size: int = typer.Option(64, help="-1 = per-channel"),
     method: str = typer.Option("decoupleq", help=f"one of {', '.join(METHODS)}"),
     iters: int = typer.Option(4, min=0),
+    hp_channels: int = typer.Option(0, min=0, help="input channels per layer kept in an fp16 branch (0 = off; "
+                                    "the block-wise stage keeps the branch frozen)"),
+    hp_select: str = typer.Option("hessian", help="how the fp16 branch picks its channels"),
     backend: Optional[str] = typer.Option(None, help=f"one of {', '.join(BACKENDS)}"),
     block_epochs: int = typer.Option(4, help="block-wise stage epochs (0 = off)"),
     block_lr: float = typer.Option(1e-5, help="block-wise stage Adam learning rate (0 = off)"),
@@ -183,7 +186,7 @@ def run_cmd(
     overwrite: bool = typer.Option(False, help="replace an existing --out instead of resuming"),
 ) -> None:
     """The full procedure block by block: true-sequential layer-wise solve + block-wise stage."""
-    cfg = quant_config(bits, group_size, method, iters)
+    cfg = quant_config(bits, group_size, method, iters, hp_channels, hp_select)
     t0 = time.perf_counter()
     config = run_pipeline(model_source(model), text, nsamples, seqlen, seed, cfg, backend, block_epochs,
                           block_lr, out, overwrite)

@@ -48,6 +48,29 @@ def test_run_blockwise_eval(llama, text, tmp_path):
     assert np.isclose(fp["perplexity"], r["reference_perplexity"], rtol=1e-6)
 
 
+def test_run_with_an_fp16_branch(llama, text, tmp_path):
+    """--hp-channels on `run`: every layer stores its branch, the block-wise stage trains (s, z)
+    around the frozen branch (its QuantLinear is Ŵ = s·q + z + B on the branch columns, the
+    stored layer exactly), and the checkpoint evaluates."""
+    import torch
+
+    from decoupleq_ref.model.blockwise import QuantLinear
+
+    cli("run", llama, "--text", text, *RUN, "--hp-channels", "3", "--block-epochs", "2", "--block-lr", "1e-4",
+        "--out", tmp_path / "q")
+    config, layers = read_checkpoint(tmp_path / "q")
+    assert config["solver"]["hp_channels"] == 3 and len(layers) == 14
+    for name, packed in layers.items():
+        assert config["layers"][name]["hp_channels"] == 3 and packed.hp_weight.shape == (packed.shape[0], 3)
+        module = QuantLinear(packed.codes(), packed.scale, packed.zero, None, (packed.hp_index, packed.hp_weight))
+        with torch.no_grad():
+            np.testing.assert_allclose(module.weight_hat().numpy(), packed.dequantize(), rtol=1e-6, atol=1e-6)
+    assert any(s["kept"] == "trained" for s in config["blockwise"])
+    r = json.loads(cli("eval", llama, "--quantized", tmp_path / "q", "--text", text, "--seqlen", "32",
+                       "--max-tokens", "256", "--json").stdout.strip().splitlines()[-1])
+    assert 0 < r["kl"] < 0.5
+
+
 def test_run_resume_is_byte_identical(llama, text, tmp_path, monkeypatch):
     """Killed in block 1 (after 9 of 14 layer solves), the same command completes a checkpoint
     byte-identical to an uninterrupted run's, block-wise training included."""

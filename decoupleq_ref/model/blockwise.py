@@ -21,19 +21,24 @@ ADAM = {"betas": (0.9, 0.99), "eps": 2e-5, "weight_decay": 1e-6}
 
 
 class QuantLinear(nn.Module):
-    """y = x Ŵᵀ + b with Ŵ = s·q + z per group; q is a frozen buffer, s and z are trained."""
+    """y = x Ŵᵀ + b with Ŵ = s·q + z per group (+ B on the fp16 branch's columns, docs/FORMAT.md);
+    q and the branch B are frozen buffers, s and z are trained."""
 
-    def __init__(self, q: np.ndarray, scale: np.ndarray, zero: np.ndarray, bias: torch.Tensor | None) -> None:
+    def __init__(self, q: np.ndarray, scale: np.ndarray, zero: np.ndarray, bias: torch.Tensor | None,
+                 branch: tuple[np.ndarray, np.ndarray] | None = None) -> None:
         super().__init__()
         self.register_buffer("q", torch.from_numpy(q.astype(np.float32)))
         self.scale = nn.Parameter(torch.from_numpy(scale.astype(np.float32)))
         self.zero = nn.Parameter(torch.from_numpy(zero.astype(np.float32)))
         self.bias = bias
         self.group = q.shape[1] // scale.shape[1]
+        self.hp_index = None if branch is None else torch.from_numpy(branch[0].astype(np.int64))
+        self.register_buffer("hp_weight", None if branch is None else torch.from_numpy(branch[1].astype(np.float32)))
 
     def weight_hat(self) -> torch.Tensor:
         expand = lambda t: t.repeat_interleave(self.group, dim=1)  # noqa: E731
-        return expand(self.scale) * self.q + expand(self.zero)
+        W_hat = expand(self.scale) * self.q + expand(self.zero)
+        return W_hat if self.hp_index is None else W_hat.index_add(1, self.hp_index, self.hp_weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight_hat(), self.bias)
@@ -75,18 +80,19 @@ def _swap(block: nn.Module, name: str, new: nn.Module) -> nn.Module:
     return old
 
 
-def train_block(block: nn.Module, quant: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]], X: torch.Tensor,
-                Y: torch.Tensor, kwargs: dict, epochs: int, lr: float, seed: int) -> BlockwiseResult:
-    """Train (s, z) of the block's quantized linears (``quant``: name within block → (q, s, z)) and
-    its norm weights for ``epochs`` passes over X, one window per Adam step, in a seeded order.
+def train_block(block: nn.Module, quant: dict[str, tuple], X: torch.Tensor, Y: torch.Tensor, kwargs: dict,
+                epochs: int, lr: float, seed: int) -> BlockwiseResult:
+    """Train (s, z) of the block's quantized linears (``quant``: name within block → (q, s, z,
+    branch), branch = (hp_index, hp_weight) or None, kept frozen) and its norm weights for
+    ``epochs`` passes over X, one window per Adam step, in a seeded order.
     The block keeps whichever of the start and the trained state has the lower loss; its linears
     are restored as ordinary modules (weights to be set by the caller from the returned s, z)."""
     originals = {}
-    for name, (q, s, z) in quant.items():
+    for name, (q, s, z, branch) in quant.items():
         module = block.get_submodule(name)
         if is_conv1d(module):
             raise ValueError("--block-epochs: the block-wise stage supports nn.Linear blocks only; pass --block-epochs 0")
-        originals[name] = _swap(block, name, QuantLinear(q, s, z, module.bias))
+        originals[name] = _swap(block, name, QuantLinear(q, s, z, module.bias, branch))
     norms = norm_parameters(block)
     norm_start = [p.detach().clone() for p in norms]
     params = [p for n in quant for p in (block.get_submodule(n).scale, block.get_submodule(n).zero)] + norms

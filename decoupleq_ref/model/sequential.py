@@ -107,7 +107,7 @@ def quantize_block(block: nn.Module, prefix: str, X: torch.Tensor, kwargs: dict,
     tensors: dict[str, np.ndarray] = {}
     layers: dict[str, dict] = {}
     hessians: dict[str, np.ndarray] = {}
-    quant: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+    quant: dict[str, tuple] = {}
     weights: dict[str, np.ndarray] = {}
     for g, group in enumerate(linear_groups(list(linears))):
         # the first group's pass runs the float block: its outputs are the block-wise target Y;
@@ -126,7 +126,8 @@ def quantize_block(block: nn.Module, prefix: str, X: torch.Tensor, kwargs: dict,
             tensors.update(t)
             layers[prefix + name] = {**info, "loss_layerwise": info["loss"]}
             hessians[name], weights[name] = H, W
-            quant[name] = (res.q, t[f"{prefix}{name}.scales"], t[f"{prefix}{name}.zeros"])
+            branch = (t[f"{prefix}{name}.hp_index"], t[f"{prefix}{name}.hp_weight"]) if info["hp_channels"] else None
+            quant[name] = (res.q, t[f"{prefix}{name}.scales"], t[f"{prefix}{name}.zeros"], branch)
             set_layer_matrix(linears[name], dequantized_weight(t, prefix + name, info, cfg.bits, cfg.group_size))
     stage = {"epochs": epochs}
     if epochs > 0:
