@@ -37,8 +37,8 @@ from .objective import residual_rows, row_chunk
 __all__ = ["init_scale_zero", "minmax_range", "minmax_scale_zero", "quantize_rtn", "shrink_factors"]
 
 PANEL = 128  # columns of H per panel (128·in·8 bytes = 4 MiB per thread for in = 4096): longer
-# rank-1 updates than 64 (2.4 vs 2.7 s for a 1024×4096 g64 init, 0.20 vs 0.22 s for 576×1536);
-# 256 gains little more for twice the buffer
+# rank-1 updates than 64 (2.4 vs 2.7 s for a 1024×4096 g64 init, 0.20 vs 0.22 s for 576×1536, one
+# development measurement each); 256 gains little more for twice the buffer
 
 
 @njit(inline="always")

@@ -15,10 +15,11 @@ without reassociation, which would merge them again. Then
 y_i = Σ_g s_g·Σ_{j in g} P[j] + z_g·Σ_{k in g} x_k. Only the packed words (b/32 of a float32
 weight) are read. (The kernel before looked up one 256-entry table per byte; table loads do not
 vectorise, and it was 3-4x slower.) Bit widths whose codes straddle words (3, 5, 6, 7) and
-groups that do not start on a word decode each row into a small buffer first (GENERIC_GEMV).
+groups that do not start on a word decode each row into a small buffer first (_gemv_generic).
 
 Larger batches (GEMM) dequantize tiles of TILE_ROWS rows to float32, one tile per thread, and
-multiply each with single-threaded BLAS: the full Ŵ is never materialised."""
+multiply each with single-threaded BLAS: the full Ŵ is never materialised.
+"""
 
 from __future__ import annotations
 

@@ -32,7 +32,7 @@ class QuantLinear(nn.Module):
         self.zero = nn.Parameter(torch.from_numpy(zero.astype(np.float32)))
         self.bias = bias
         self.group = q.shape[1] // scale.shape[1]
-        self.hp_index = None if branch is None else torch.from_numpy(branch[0].astype(np.int64))
+        self.register_buffer("hp_index", None if branch is None else torch.from_numpy(branch[0].astype(np.int64)))
         self.register_buffer("hp_weight", None if branch is None else torch.from_numpy(branch[1].astype(np.float32)))
 
     def weight_hat(self) -> torch.Tensor:
