@@ -87,19 +87,27 @@ def bench_solver(W, H, cfg, label, run_numpy: bool) -> None:
     print(row, flush=True)
 
 
-def best_of(fn, reps: int, clock=time.perf_counter) -> float:
-    fn()
-    times = []
-    for _ in range(reps):
-        t = clock()
-        fn()
-        times.append(clock() - t)
-    return min(times)
+def best_of_pair(fa, fb, reps: int, clock=time.perf_counter, burst: int = 5) -> tuple[float, float]:
+    """Best times of fa and fb over about `reps` calls each, in alternating bursts of `burst`
+    back-to-back calls (a×5, b×5, a×5, ...). Alternating gives both the host's drifting speed
+    (this VM's ranges 2× within a minute); bursts keep each one's thread pool hot, and the
+    best-of drops the first call of a burst, which pays for the other pool's threads still
+    spinning or the idle vCPU waking (either added milliseconds to the GEMVs when the calls
+    strictly alternated or paused between them)."""
+    best = [float("inf"), float("inf")]
+    for _ in range(max(1, reps // burst)):
+        for k, f in enumerate((fa, fb)):
+            for _ in range(burst + 1):
+                t = clock()
+                f()
+                best[k] = min(best[k], clock() - t)
+    return best[0], best[1]
 
 
-def one_thread_cpu(fn, reps: int) -> float:
-    """Best CPU seconds of fn with one Numba thread and one BLAS thread: insensitive to other
-    processes competing for the cores (wall times on a loaded 2-core machine are not)."""
+def one_thread_cpu(fa, fb, reps: int) -> tuple[float, float]:
+    """Best CPU seconds of fa and fb (alternating) with one Numba thread and one BLAS thread:
+    insensitive to other processes competing for the cores (wall times on a loaded 2-core
+    machine are not)."""
     import numba
 
     from kernels_numba._blas import one_blas_thread
@@ -108,7 +116,7 @@ def one_thread_cpu(fn, reps: int) -> float:
     numba.set_num_threads(1)
     try:
         with one_blas_thread():
-            return best_of(fn, reps, time.process_time)
+            return best_of_pair(fa, fb, reps, time.process_time)
     finally:
         numba.set_num_threads(threads)
 
@@ -126,12 +134,41 @@ def bench_matmul(reps: int) -> None:
         W32 = kn.dequantize(layer).astype(np.float32)
         for batch in (1, 32):
             x = rng.standard_normal((batch, n)).astype(np.float32)
-            t_np = best_of(lambda: x @ W32.T, reps)
-            t_kn = best_of(lambda: kn.packed_matmul(x, layer), reps)
-            c_np = one_thread_cpu(lambda: x @ W32.T, reps)
-            c_kn = one_thread_cpu(lambda: kn.packed_matmul(x, layer), reps)
+            numpy_mm, packed_mm = (lambda: x @ W32.T), (lambda: kn.packed_matmul(x, layer))
+            t_np, t_kn = best_of_pair(numpy_mm, packed_mm, reps)
+            c_np, c_kn = one_thread_cpu(numpy_mm, packed_mm, reps)
             print(f"| {out}×{n} | {batch} | {t_np * 1e3:.2f} | {t_kn * 1e3:.2f} | {t_np / t_kn:.2f}× | "
                   f"{c_np * 1e3:.2f} / {c_kn * 1e3:.2f} | {c_np / c_kn:.2f}× |", flush=True)
+    bench_gemv_crossover(reps)
+
+
+def bench_gemv_crossover(reps: int) -> None:
+    """Where the word GEMV (cost ∝ batch) stops beating float32 tiles for BLAS: sets
+    kernels_numba.matmul.GEMV_MAX_BATCH."""
+    from kernels_numba import matmul as km
+
+    rng = np.random.default_rng(1)
+    out = n = 4096
+    q = rng.integers(0, 4, (out, n)).astype(np.uint8)
+    layer = dq.PackedLayer(kn.pack(q, 2), rng.standard_normal((out, n // 64)).astype(np.float32),
+                           rng.standard_normal((out, n // 64)).astype(np.float32), 2, 64, (out, n))
+    limit = km.GEMV_MAX_BATCH
+    print(f"\n| 4096² W2 g64, batch | word GEMV ms | tiles + BLAS ms | (GEMV_MAX_BATCH = {limit}) |")
+    print("|---|---|---|---|")
+    try:
+        for batch in (16, 32, 48, 64):
+            x = rng.standard_normal((batch, n)).astype(np.float32)
+
+            def with_limit(lim):
+                def call():
+                    km.GEMV_MAX_BATCH = lim
+                    return kn.packed_matmul(x, layer)
+                return call
+
+            t_words, t_tiles = best_of_pair(with_limit(batch), with_limit(0), max(5, reps // 2))
+            print(f"| {batch} | {t_words * 1e3:.2f} | {t_tiles * 1e3:.2f} | |", flush=True)
+    finally:
+        km.GEMV_MAX_BATCH = limit
 
 
 CHILD = """

@@ -10,8 +10,10 @@ and the loop over j reads w_j and each xT[r, ·] contiguously, so LLVM vectorise
 words: per code position r, one mask, int→float conversion and fused multiply-add for 8 (AVX2)
 or 16 (AVX-512) words at once. The mask is w & ((2^b − 1) << b·r), i.e. the code times 2^(b·r),
 met by xT[r] prescaled by 2^(−b·r) (exact; skipped when that would make some x subnormal).
-Four partial sums per word keep the adds out of one dependency chain: the word loop is compiled
-without reassociation, which would merge them again. Then
+Partial sums per word keep the adds out of one dependency chain: the word loop is compiled
+without reassociation, which would merge them again. Rows go through in pairs, each xT load
+serving both (the loop is bound by the vector pipes while xT sits in L1; a long row's xT does
+not, and its loads from L2 then cost a third more). Then
 y_i = Σ_g s_g·Σ_{j in g} P[j] + z_g·Σ_{k in g} x_k. Only the packed words (b/32 of a float32
 weight) are read. (The kernel before looked up one 256-entry table per byte; table loads do not
 vectorise, and it was 3-4x slower.) Bit widths whose codes straddle words (3, 5, 6, 7) and
@@ -33,8 +35,8 @@ from .packing import _unpack_rows
 
 __all__ = ["GEMV_MAX_BATCH", "dequantize", "packed_matmul"]
 
-GEMV_MAX_BATCH = 32  # the word GEMV up to here: its cost grows with the batch, but at 32 it still
-# beats decoding tiles for BLAS (15 vs 22 ms for 4096², BENCHMARKS.md §3); past that BLAS wins
+GEMV_MAX_BATCH = 48  # the word GEMV up to here: its cost grows with the batch; the tiles for BLAS
+# catch up at about 64 (bench/bench_numba.py --only matmul, BENCHMARKS.md §3)
 GENERIC_GEMV_MAX_BATCH = 4  # the row-decoding GEMV for widths and groups that do not fit a word
 TILE_ROWS = 128
 GEMV_ROWS = 64  # rows per task of the word GEMV (one P buffer each)
@@ -76,18 +78,51 @@ def _make_word_gemv(bits: int, prescaled: bool):
                 s3 += _code(w, r + 3) * xT[r + 3, j]
             P[j] = (s0 + s1) + (s2 + s3)
 
+    @njit(fastmath=NO_REASSOC)
+    def _word_dots2(xT, row0, row1, P0, P1):
+        """_word_dots for two rows in one pass, each xT load serving both: a long row's xT does
+        not fit L1 (11008 columns at b = 2 are 44 KB), and the loads from L2 bounded the one-row
+        pass there. Two partial sums per row."""
+        for j in range(row0.shape[0]):
+            w0 = row0[j]
+            w1 = row1[j]
+            a0 = np.float32(0.0)
+            a1 = np.float32(0.0)
+            b0 = np.float32(0.0)
+            b1 = np.float32(0.0)
+            for r in range(0, C, 2):
+                x0 = xT[r, j]
+                x1 = xT[r + 1, j]
+                a0 += _code(w0, r) * x0
+                a1 += _code(w0, r + 1) * x1
+                b0 += _code(w1, r) * x0
+                b1 += _code(w1, r + 1) * x1
+            P0[j] = a0 + a1
+            P1[j] = b0 + b1
+
     @njit(parallel=True, fastmath=True)
     def _gemv_words(xT, xs, words, scale, zero, y):
         """y[t, i] = Σ_g s_ig·Σ_{j in g} P_t[j] + z_ig·xs[t, g], P_t from _word_dots on row i;
-        threads take blocks of GEMV_ROWS rows, each with its own P."""
+        threads take blocks of GEMV_ROWS rows, each with its own P, and pair row k of a block's
+        first half with row k of its second half (_word_dots2; an odd last row alone). Pairing
+        adjacent rows instead made 11008×4096 twice as slow once its 11 MiB left L2 (two streams
+        1 KB apart; measured, cause not pinned down)."""
         out, nw = words.shape
         wg = nw // scale.shape[1]
         for blk in prange((out + GEMV_ROWS - 1) // GEMV_ROWS):
-            P = np.empty(nw, np.float32)
-            for i in range(blk * GEMV_ROWS, min(out, (blk + 1) * GEMV_ROWS)):
+            P = np.empty((2, nw), np.float32)
+            i0 = blk * GEMV_ROWS
+            i1 = min(out, i0 + GEMV_ROWS)
+            h = (i1 - i0) // 2
+            for i in range(i0, i0 + h):
                 for t in range(xT.shape[0]):
-                    _word_dots(xT[t], words[i], P)
-                    y[t, i] = _scaled_group_sums(P, scale[i], zero[i], xs[t], wg)
+                    _word_dots2(xT[t], words[i], words[i + h], P[0], P[1])
+                    y[t, i] = _scaled_group_sums(P[0], scale[i], zero[i], xs[t], wg)
+                    y[t, i + h] = _scaled_group_sums(P[1], scale[i + h], zero[i + h], xs[t], wg)
+            if (i1 - i0) % 2:
+                for t in range(xT.shape[0]):
+                    _word_dots(xT[t], words[i1 - 1], P[0])
+                    y[t, i1 - 1] = _scaled_group_sums(P[0], scale[i1 - 1], zero[i1 - 1], xs[t], wg)
 
     return _gemv_words
 

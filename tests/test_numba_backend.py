@@ -218,7 +218,7 @@ def test_pack_unpack_are_the_reference(bits, out, n_in):
 @pytest.mark.parametrize("bits", [1, 2, 3, 4, 8])
 @pytest.mark.parametrize("out,n_in,gs,k", [(37, 96, -1, 0), (33, 96, 32, 3), (19, 120, 8, 0), (65, 256, 64, 5),
                                             (7, 40, 20, 0), (9, 96, 48, 0)])  # 48: 3 or 6 words per group
-@pytest.mark.parametrize("batch", [1, 3, 17, 33])
+@pytest.mark.parametrize("batch", [1, 3, 17, kn.matmul.GEMV_MAX_BATCH + 1])  # the last: tiles for BLAS
 def test_packed_matmul_matches_the_reference(bits, out, n_in, gs, k, batch):
     rng = np.random.default_rng(bits + out + batch)
     layer = random_layer(rng, out, n_in, bits, gs, k)
