@@ -6,15 +6,17 @@
     compare("reference", "numba", "default").ok            # two backends agree
     check_kernel(my_matmul).defects                        # a packed kernel, with named layout mistakes
     validate_checkpoint("ckpt_dir").ok                     # every packed layer vs its fake-quant weights
+    check_q4_1(result, q, d, m).ok                         # W4 g32 on a Q4_1-rounded weight: llama.cpp's integers
 
 Everything here is NumPy-only at import; cvxpy (validate.exact), hypothesis
-(validate.strategies) and torch (official checkpoints, bf16 kernel inputs) are imported where used.
+(validate.strategies), torch (official checkpoints, bf16 kernel inputs) and gguf (validate.ggml_q4_1)
+are imported where used.
 """
 
 import importlib
 from typing import Any
 
-_EXPORTS = {"Policy": "check", "check_result": "check", "validate_checkpoint": "checkpoint", "compare": "compare",
+_EXPORTS = {"Policy": "check", "check_q4_1": "ggml_q4_1", "check_result": "check", "validate_checkpoint": "checkpoint", "compare": "compare",
             "load_suite": "conformance", "run_suite": "conformance", "check_kernel": "kernel",
             "Finding": "report", "Report": "report"}
 __all__ = sorted(_EXPORTS)
