@@ -41,8 +41,8 @@ GENERIC_GEMV_MAX_BATCH = 4  # the row-decoding GEMV for widths and groups that d
 TILE_ROWS = 128
 GEMV_ROWS = 64  # rows per task of the word GEMV (one P buffer each)
 SUB_BYTES = 64  # float32 partial sums run over at most this many bytes (generic path)
-# fast-math without reassociation: LLVM may fuse multiply-adds but must keep the four
-# partial sums of _word_dots apart (with reassoc it folds them back into one serial chain)
+# fast-math without reassociation: LLVM may fuse multiply-adds but must keep the partial sums
+# of _word_dots / _word_dots2 apart (with reassoc it folds them back into one serial chain)
 NO_REASSOC = {"contract", "nnan", "ninf", "nsz", "arcp"}
 
 
