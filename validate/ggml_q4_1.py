@@ -29,7 +29,7 @@ a format written by others.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import numpy as np
 
@@ -106,36 +106,10 @@ def check_q4_1(result: Any, q: np.ndarray, d: np.ndarray, m: np.ndarray, *, rtol
     over the blocks (rows, for the loss) whose range contains 0; ``ggml.reach`` lists the others."""
     rep = Report(case="ggml_q4_1")
     cfg = result.config
-    if (cfg.bits, cfg.group_size, cfg.symmetric, cfg.hp_channels) != (4, BLOCK, False, 0):
-        rep.add("ggml.config", FAIL, f"Q4_1 is bits 4, group {BLOCK}, asymmetric, no fp16 branch; the result "
-                f"is bits {cfg.bits}, group {cfg.group_size}, symmetric={cfg.symmetric}, hp_channels={cfg.hp_channels}")
+    if not _config_ok(rep, "ggml.config", cfg.bits, cfg.group_size, cfg.symmetric, cfg.hp_channels):
         return rep
-    rep.add("ggml.config", PASS, f"bits 4, group {BLOCK}, asymmetric")
-    rq = np.asarray(result.q)
-    s = np.asarray(result.scale, dtype=np.float64)
-    z = np.asarray(result.zero, dtype=np.float64)
-    if rq.shape != q.shape or s.shape != d.shape or z.shape != m.shape:
-        rep.add("ggml.shape", FAIL, f"result q {rq.shape}, scale {s.shape}, zero {z.shape}; ggml's are "
-                f"{q.shape}, {d.shape}, {m.shape}")
-        return rep
-    lo = m.astype(np.float32)
-    reach = (lo <= 0) & (lo + 15 * d.astype(np.float32) >= 0)  # the block's range contains 0
-    if not reach.all():
-        pairs = list(zip(*np.nonzero(~reach)))
-        rep.add("ggml.reach", INFO, f"{len(pairs)} blocks lie wholly above or below 0, where the init's range "
-                f"(widened to contain 0) cannot start on ggml's grid; not compared: {list_groups(pairs)}",
-                groups=pairs)
-    live = (d != 0) & reach
-    block_differs = (rq.reshape(*d.shape, BLOCK) != q.reshape(*d.shape, BLOCK)).any(axis=2) & live
-    _add(rep, "ggml.codes", block_differs, f"codes equal to ggml's in all {int(live.sum())} compared blocks",
-         "blocks whose codes differ from ggml's")
-    _add(rep, "ggml.scale", (np.abs(s - d) > rtol * np.abs(d)) & live, f"scale = d to {rtol:g} relative",
-         f"blocks whose scale is not d to {rtol:g} relative")
-    _add(rep, "ggml.zero", (np.abs(z - m) > rtol * (np.abs(m) + 15 * np.abs(d))) & reach,
-         f"zero = m to {rtol:g} relative", "blocks whose zero is not m")
-    rep.numbers["blocks_differing"] = float(block_differs.sum())
-    rows = reach.all(axis=1)  # the loss is checked on rows whose blocks all take part
-    if W is not None and H is not None and rows.any():
+    rows = _compare(rep, "ggml", np.asarray(result.q), result.scale, result.zero, q, d, m, rtol)
+    if rows is not None and W is not None and H is not None and rows.any():
         W = np.asarray(W, dtype=np.float64)[rows]
         energy = float(np.einsum("ij,jk,ik->", W, np.asarray(H, dtype=np.float64), W))
         loss = float(np.asarray(result.row_loss, dtype=np.float64)[rows].sum())
@@ -147,6 +121,97 @@ def check_q4_1(result: Any, q: np.ndarray, d: np.ndarray, m: np.ndarray, *, rtol
     return rep
 
 
+def check_checkpoint_q4_1(folder: str | Path, reference: Mapping[str, tuple[np.ndarray, np.ndarray, np.ndarray]],
+                          *, rtol: float = 1e-6) -> Report:
+    """A W4 g32 checkpoint (docs/FORMAT.md) of a model whose linears were Q4_1, against ggml's
+    (q, d, m) per linear (``reference``: HF linear name → arrays, e.g. ``gguf_q4_1_layers``).
+    Every reference layer must be in the checkpoint; findings ``ggml.<layer>.codes`` /
+    ``.scale`` / ``.zero`` / ``.reach`` as in check_q4_1 (no loss: a checkpoint stores no H)."""
+    from decoupleq_ref.model.checkpoint import read_checkpoint
+
+    config, layers = read_checkpoint(Path(folder))
+    rep = Report(case=f"checkpoint {folder}")
+    solver = config.get("solver", {})
+    if not _config_ok(rep, "ggml.config", config["bits"], config["group_size"], solver.get("symmetric", False),
+                      solver.get("hp_channels", 0)):
+        return rep
+    missing = sorted(set(reference) - set(layers))
+    if missing:
+        rep.add("ggml.layers", FAIL, f"{len(missing)} Q4_1 layers are not in the checkpoint: {missing[:8]}")
+    differing = 0
+    for name in sorted(set(reference) & set(layers)):
+        layer, (q, d, m) = layers[name], reference[name]
+        before = len(rep.failures)
+        _compare(rep, f"ggml.{name}", layer.codes(), layer.scale, layer.zero, q, d, m, rtol)
+        differing += len(rep.failures) > before
+    rep.numbers["layers"] = float(len(set(reference) & set(layers)))
+    rep.numbers["layers_differing"] = float(differing)
+    return rep
+
+
+def gguf_q4_1_layers(path: str | Path) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """Every Q4_1 linear of a Llama-family GGUF as HF linear name → (q, d, m), rows in the HF
+    order transformers loads (attn_q / attn_k rows un-permuted, decoupleq_ref.model.weights)."""
+    from gguf import GGMLQuantizationType, GGUFReader
+
+    from decoupleq_ref.model.weights import gguf_field, gguf_to_hf_name, unpermute_rotary
+
+    reader = GGUFReader(str(path))
+    arch = gguf_field(reader, "general.architecture")
+    n_head = int(gguf_field(reader, f"{arch}.attention.head_count"))
+    n_kv = int(gguf_field(reader, f"{arch}.attention.head_count_kv") or n_head)
+    out = {}
+    for t in reader.tensors:
+        hf = gguf_to_hf_name(t.name)
+        if t.tensor_type != GGMLQuantizationType.Q4_1 or hf is None or not hf.endswith(".weight"):
+            continue
+        cols, rows = (int(n) for n in t.shape[:2])
+        q, d, m = decode_q4_1(np.asarray(t.data), (rows, cols))
+        heads = n_head if ".attn_q." in t.name else n_kv if ".attn_k." in t.name else 0
+        if heads:  # the same row permutation for codes and per-row block parameters
+            q, d, m = (unpermute_rotary(a, heads) for a in (q, d, m))
+        out[hf[: -len(".weight")]] = (q, d, m)
+    return out
+
+
+def _config_ok(rep: Report, check: str, bits: int, group_size: int, symmetric: bool, hp_channels: int) -> bool:
+    if (bits, group_size, bool(symmetric), hp_channels) != (4, BLOCK, False, 0):
+        rep.add(check, FAIL, f"Q4_1 is bits 4, group {BLOCK}, asymmetric, no fp16 branch; the result is bits "
+                f"{bits}, group {group_size}, symmetric={symmetric}, hp_channels={hp_channels}")
+        return False
+    rep.add(check, PASS, f"bits 4, group {BLOCK}, asymmetric")
+    return True
+
+
+def _compare(rep: Report, where: str, rq: np.ndarray, s: np.ndarray, z: np.ndarray, q: np.ndarray, d: np.ndarray,
+             m: np.ndarray, rtol: float) -> np.ndarray | None:
+    """Codes, scales and zeros against ggml's on the blocks whose range contains 0 (findings
+    ``{where}.codes`` ...); returns the rows whose blocks all take part (None on a shape error)."""
+    s = np.asarray(s, dtype=np.float64)
+    z = np.asarray(z, dtype=np.float64)
+    if rq.shape != q.shape or s.shape != d.shape or z.shape != m.shape:
+        rep.add(f"{where}.shape", FAIL, f"result q {rq.shape}, scale {s.shape}, zero {z.shape}; ggml's are "
+                f"{q.shape}, {d.shape}, {m.shape}")
+        return None
+    lo = m.astype(np.float32)
+    reach = (lo <= 0) & (lo + 15 * d.astype(np.float32) >= 0)
+    if not reach.all():
+        pairs = list(zip(*np.nonzero(~reach)))
+        rep.add(f"{where}.reach", INFO, f"{len(pairs)} blocks lie wholly above or below 0, where the init's range "
+                f"(widened to contain 0) cannot start on ggml's grid; not compared: {list_groups(pairs)}",
+                groups=pairs)
+    live = (d != 0) & reach
+    block_differs = (rq.reshape(*d.shape, BLOCK) != q.reshape(*d.shape, BLOCK)).any(axis=2) & live
+    _add(rep, f"{where}.codes", block_differs, f"codes equal to ggml's in all {int(live.sum())} compared blocks",
+         "blocks whose codes differ from ggml's")
+    _add(rep, f"{where}.scale", (np.abs(s - d) > rtol * np.abs(d)) & live, f"scale = d to {rtol:g} relative",
+         f"blocks whose scale is not d to {rtol:g} relative")
+    _add(rep, f"{where}.zero", (np.abs(z - m) > rtol * (np.abs(m) + 15 * np.abs(d))) & reach,
+         f"zero = m to {rtol:g} relative", "blocks whose zero is not m")
+    rep.numbers["blocks_differing"] = rep.numbers.get("blocks_differing", 0.0) + float(block_differs.sum())
+    return reach.all(axis=1)
+
+
 def _add(rep: Report, check: str, bad: np.ndarray, ok_msg: str, bad_msg: str) -> None:
     pairs = list(zip(*np.nonzero(bad)))
     if pairs:
@@ -154,3 +219,28 @@ def _add(rep: Report, check: str, bad: np.ndarray, ok_msg: str, bad_msg: str) ->
                 rows=sorted({int(r) for r, _ in pairs}))
     else:
         rep.add(check, PASS, ok_msg)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """python -m validate.ggml_q4_1 CHECKPOINT [GGUF]: a W4 g32 checkpoint of a Q4_1 GGUF model
+    (default: the bundled SmolLM2-135M-Instruct) against the file's integers; exit 1 on a
+    difference."""
+    import argparse
+
+    ap = argparse.ArgumentParser(description=main.__doc__)
+    ap.add_argument("checkpoint")
+    ap.add_argument("gguf", nargs="?", help="the GGUF the checkpoint was made from (default: the bundled model)")
+    args = ap.parse_args(argv)
+    if args.gguf is None:
+        from decoupleq_ref.model.source import default_model_path
+
+        args.gguf = default_model_path(fetch=False)
+    rep = check_checkpoint_q4_1(args.checkpoint, gguf_q4_1_layers(args.gguf))
+    n, bad = int(rep.numbers.get("layers", 0)), int(rep.numbers.get("layers_differing", 0))
+    print(f"{args.checkpoint}: {n} Q4_1 layers compared, {bad} differ from {Path(args.gguf).name}")
+    print(rep)
+    return 0 if rep.ok else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

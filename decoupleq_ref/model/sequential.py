@@ -184,8 +184,11 @@ def run_model(model: nn.Module, windows: np.ndarray, cfg: QuantConfig, solve: So
             layers.update(info["layers"])
             stage = info["blockwise"]
             blockwise.append({"block": i, **stage})
-            note = (f"block {i}: loss {stage['loss_before']:.3g} → {stage['loss_after']:.3g}" if epochs
-                    else f"block {i}") + f" ({time.perf_counter() - t0:.0f}s)"
+            note = f"block {i}"
+            if epochs:  # the stage's loss, and which state the block kept (the lower loss)
+                note += f": loss {stage['loss_before']:.3g} → {stage['loss_after']:.3g}"
+                note += ", kept the layer-wise result" if stage.get("kept") == "layer-wise" else ""
+            note += f" ({time.perf_counter() - t0:.0f}s)"
             log(note)
             advance(note=note)
     other = unique_state(model, {f"{n}.weight" for n in layers})
