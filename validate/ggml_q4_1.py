@@ -8,14 +8,16 @@ weight that Q4_1 has rounded therefore lies exactly on such a grid, and every bl
 and the zero-loss answer is ggml's own: min-max gives back d and m, rounding gives back q. Every
 method (rtn, gptq, decoupleq) must return ggml's integers, d and m on any H; anything else has a
 positive loss or encodes the same Ŵ differently (only a constant block, d = 0, has such
-freedom: any q with s = 0; its codes are not compared).
+freedom: there Ŵ itself is compared, ``ggml.zero_block``).
 
 One exception, by convention rather than by accident: like GPTQ and the official decoupleQ code,
 the init widens each group's range to contain 0 (docs/ALGORITHM.md §1). A block lying wholly
 above or below 0 then starts on a coarser grid than ggml's, and neither GPTQ rounding nor the
 alternation was seen to find ggml's from there (loss / ‖W‖²_H ≈ 5e−4 on such blocks). Those
 blocks are reported (``ggml.reach``, info) and left out of the comparison; in SmolLM2-135M none
-of the 3.3 million Q4_1 blocks is one of them.
+of the 3.3 million Q4_1 blocks is one of them. The same convention gives an all-zero group the
+range [−1, 1], whose asymmetric grid has no level at 0: rtn and gptq leave Ŵ = ±s/2 there
+(``ggml.zero_block`` fails), while decoupleQ's float step finds Ŵ = 0.
 
 The default model arrived this way (SmolLM2-135M-Instruct, every linear Q4_1): quantized at bits
 4, group 32 it must give back the file's integers, a check of reading, layout and solver against
@@ -206,8 +208,15 @@ def _compare(rep: Report, where: str, rq: np.ndarray, s: np.ndarray, z: np.ndarr
          "blocks whose codes differ from ggml's")
     _add(rep, f"{where}.scale", (np.abs(s - d) > rtol * np.abs(d)) & live, f"scale = d to {rtol:g} relative",
          f"blocks whose scale is not d to {rtol:g} relative")
-    _add(rep, f"{where}.zero", (np.abs(z - m) > rtol * (np.abs(m) + 15 * np.abs(d))) & reach,
+    _add(rep, f"{where}.zero", (np.abs(z - m) > rtol * (np.abs(m) + 15 * np.abs(d))) & live,
          f"zero = m to {rtol:g} relative", "blocks whose zero is not m")
+    # a constant block (d = 0) in reach is all zeros: any encoding of Ŵ = 0 is ggml's answer
+    flat = (d == 0) & reach
+    if flat.any():
+        W_hat = s[..., None] * rq.reshape(*d.shape, BLOCK) + z[..., None]
+        off = (np.abs(W_hat).max(axis=2) > rtol * np.abs(s) * 15) & flat
+        _add(rep, f"{where}.zero_block", off, f"Ŵ = 0 on all {int(flat.sum())} all-zero blocks",
+             "all-zero blocks whose Ŵ is not 0")
     rep.numbers["blocks_differing"] = rep.numbers.get("blocks_differing", 0.0) + float(block_differs.sum())
     return reach.all(axis=1)
 
