@@ -42,7 +42,7 @@ TILE_ROWS = 128
 GEMV_ROWS = 64  # rows per task of the word GEMV (one P buffer each)
 SUB_BYTES = 64  # float32 partial sums run over at most this many bytes (generic path)
 # fast-math without reassociation: LLVM may fuse multiply-adds but must keep the partial sums
-# of _word_dots / _word_dots2 apart (with reassoc it folds them back into one serial chain)
+# of _word_dots2 apart (with reassoc it folds them back into one serial chain)
 NO_REASSOC = {"contract", "nnan", "ninf", "nsz", "arcp"}
 
 
@@ -63,26 +63,11 @@ def _make_word_gemv(bits: int, prescaled: bool):
         return np.float32(np.int32((w >> (bits * k)) & M))
 
     @njit(fastmath=NO_REASSOC)
-    def _word_dots(xT, row, P):
-        """P[j] = Σ_r ((row[j] >> b·r) & (2^b − 1)) · x[C·j + r] for every word j of one packed row."""
-        for j in range(row.shape[0]):
-            w = row[j]
-            s0 = np.float32(0.0)
-            s1 = np.float32(0.0)
-            s2 = np.float32(0.0)
-            s3 = np.float32(0.0)
-            for r in range(0, C, 4):
-                s0 += _code(w, r) * xT[r, j]
-                s1 += _code(w, r + 1) * xT[r + 1, j]
-                s2 += _code(w, r + 2) * xT[r + 2, j]
-                s3 += _code(w, r + 3) * xT[r + 3, j]
-            P[j] = (s0 + s1) + (s2 + s3)
-
-    @njit(fastmath=NO_REASSOC)
     def _word_dots2(xT, row0, row1, P0, P1):
-        """_word_dots for two rows in one pass, each xT load serving both: a long row's xT does
-        not fit L1 (11008 columns at b = 2 are 44 KB), and the loads from L2 bounded the one-row
-        pass there. Two partial sums per row."""
+        """P[j] = Σ_r ((row[j] >> b·r) & (2^b − 1)) · x[C·j + r] for every word j of two packed
+        rows in one pass, each xT load serving both: a long row's xT does not fit L1 (11008
+        columns at b = 2 are 44 KB), and the loads from L2 bounded a one-row pass there. Two
+        partial sums per row."""
         for j in range(row0.shape[0]):
             w0 = row0[j]
             w1 = row1[j]
@@ -102,9 +87,10 @@ def _make_word_gemv(bits: int, prescaled: bool):
 
     @njit(parallel=True, fastmath=True)
     def _gemv_words(xT, xs, words, scale, zero, y):
-        """y[t, i] = Σ_g s_ig·Σ_{j in g} P_t[j] + z_ig·xs[t, g], P_t from _word_dots on row i;
+        """y[t, i] = Σ_g s_ig·Σ_{j in g} P_t[j] + z_ig·xs[t, g], P_t from _word_dots2 on row i;
         threads take blocks of GEMV_ROWS rows, each with its own P, and pair row k of a block's
-        first half with row k of its second half (_word_dots2; an odd last row alone). Pairing
+        first half with row k of its second half (an odd last row with itself, so every row is
+        summed the same way wherever it sits). Pairing
         adjacent rows instead made 11008×4096 twice as slow once its 11 MiB left L2 (two streams
         1 KB apart; measured, cause not pinned down)."""
         out, nw = words.shape
@@ -121,7 +107,7 @@ def _make_word_gemv(bits: int, prescaled: bool):
                     y[t, i + h] = _scaled_group_sums(P[1], scale[i + h], zero[i + h], xs[t], wg)
             if (i1 - i0) % 2:
                 for t in range(xT.shape[0]):
-                    _word_dots(xT[t], words[i1 - 1], P[0])
+                    _word_dots2(xT[t], words[i1 - 1], words[i1 - 1], P[0], P[1])
                     y[t, i1 - 1] = _scaled_group_sums(P[0], scale[i1 - 1], zero[i1 - 1], xs[t], wg)
 
     return _gemv_words
