@@ -91,10 +91,14 @@ def gguf_q4_1_tensor(path: str | Path, name: str) -> tuple[np.ndarray, np.ndarra
         if t.name == name:
             if t.tensor_type != GGMLQuantizationType.Q4_1:
                 raise ValueError(f"name: {name} in {path} is {t.tensor_type.name}, not Q4_1")
-            cols, rows = (int(n) for n in t.shape[:2])  # ggml order: fastest dimension first
-            q, d, m = decode_q4_1(np.asarray(t.data), (rows, cols))
+            q, d, m = _decode_tensor(t)
             return dequantize_q4_1(q, d, m), q, d, m
     raise ValueError(f"name: {path} has no tensor {name!r}")
+
+
+def _decode_tensor(t: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    cols, rows = (int(n) for n in t.shape[:2])  # ggml order: fastest dimension first
+    return decode_q4_1(np.asarray(t.data), (rows, cols))
 
 
 def check_q4_1(result: Any, q: np.ndarray, d: np.ndarray, m: np.ndarray, *, rtol: float = 1e-6,
@@ -156,23 +160,17 @@ def gguf_q4_1_layers(path: str | Path) -> dict[str, tuple[np.ndarray, np.ndarray
     order transformers loads (attn_q / attn_k rows un-permuted, decoupleq_ref.model.weights)."""
     from gguf import GGMLQuantizationType, GGUFReader
 
-    from decoupleq_ref.model.weights import gguf_field, gguf_to_hf_name, unpermute_rotary
+    from decoupleq_ref.model.weights import gguf_heads, gguf_to_hf_name, hf_row_order
 
     reader = GGUFReader(str(path))
-    arch = gguf_field(reader, "general.architecture")
-    n_head = int(gguf_field(reader, f"{arch}.attention.head_count"))
-    n_kv = int(gguf_field(reader, f"{arch}.attention.head_count_kv") or n_head)
+    n_head, n_kv = gguf_heads(reader)
     out = {}
     for t in reader.tensors:
         hf = gguf_to_hf_name(t.name)
         if t.tensor_type != GGMLQuantizationType.Q4_1 or hf is None or not hf.endswith(".weight"):
             continue
-        cols, rows = (int(n) for n in t.shape[:2])
-        q, d, m = decode_q4_1(np.asarray(t.data), (rows, cols))
-        heads = n_head if ".attn_q." in t.name else n_kv if ".attn_k." in t.name else 0
-        if heads:  # the same row permutation for codes and per-row block parameters
-            q, d, m = (unpermute_rotary(a, heads) for a in (q, d, m))
-        out[hf[: -len(".weight")]] = (q, d, m)
+        # the weight reader's row permutation, applied to codes and per-row block parameters alike
+        out[hf[: -len(".weight")]] = tuple(hf_row_order(t.name, a, n_head, n_kv) for a in _decode_tensor(t))
     return out
 
 

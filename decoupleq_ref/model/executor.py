@@ -89,12 +89,10 @@ def _read_gguf_tensor(path: Path, key: str) -> np.ndarray:
     """The GGUF tensor whose HF name is ``key``, converted as weights.read_gguf_weights does."""
     from gguf import GGUFReader
 
-    from .weights import gguf_field, gguf_tensor_array, gguf_to_hf_name
+    from .weights import gguf_heads, gguf_tensor_array, gguf_to_hf_name
 
     reader = GGUFReader(str(path))
-    arch = gguf_field(reader, "general.architecture")
-    n_head = int(gguf_field(reader, f"{arch}.attention.head_count"))
-    n_kv = int(gguf_field(reader, f"{arch}.attention.head_count_kv") or n_head)
+    n_head, n_kv = gguf_heads(reader)
     for t in reader.tensors:
         if gguf_to_hf_name(t.name) == key:
             return gguf_tensor_array(t, n_head, n_kv)

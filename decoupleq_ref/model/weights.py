@@ -63,8 +63,7 @@ def read_gguf_weights(path: Path) -> dict[str, np.ndarray]:
     if arch not in LLAMA_ARCHS:
         raise ValueError(f"MODEL: GGUF architecture {arch!r} is not supported by the torch-free reader "
                          f"(supported: {LLAMA_ARCHS}); save the model as a HF safetensors directory instead")
-    n_head = int(gguf_field(reader, f"{arch}.attention.head_count"))
-    n_kv = int(gguf_field(reader, f"{arch}.attention.head_count_kv") or n_head)
+    n_head, n_kv = gguf_heads(reader)
     out: dict[str, np.ndarray] = {}
     for t in reader.tensors:
         name = gguf_to_hf_name(t.name)
@@ -73,17 +72,30 @@ def read_gguf_weights(path: Path) -> dict[str, np.ndarray]:
     return out
 
 
+def gguf_heads(reader: object) -> tuple[int, int]:
+    """(attention heads, key/value heads) from a GGUF's metadata: what hf_row_order needs."""
+    arch = gguf_field(reader, "general.architecture")
+    n_head = int(gguf_field(reader, f"{arch}.attention.head_count"))
+    return n_head, int(gguf_field(reader, f"{arch}.attention.head_count_kv") or n_head)
+
+
+def hf_row_order(gguf_name: str, a: np.ndarray, n_head: int, n_kv: int) -> np.ndarray:
+    """``a`` (one entry per weight row first: the weight, or its codes or block scales) of GGUF
+    tensor ``gguf_name`` with its rows in HF order: attn_q / attn_k un-permuted, others as they are."""
+    if ".attn_q." in gguf_name:
+        return unpermute_rotary(a, n_head)
+    if ".attn_k." in gguf_name:
+        return unpermute_rotary(a, n_kv)
+    return a
+
+
 def gguf_tensor_array(t: object, n_head: int, n_kv: int) -> np.ndarray:
     """One GGUF tensor as float32 in HF orientation: dequantized, reshaped, Q/K rows un-permuted."""
     from gguf.quants import dequantize
 
     # gguf lists dims fastest-first; dequantize returns the C-order (out, in) array
     w = np.asarray(dequantize(t.data, t.tensor_type), dtype=np.float32).reshape(tuple(reversed(t.shape.tolist())))
-    if ".attn_q." in t.name:
-        return unpermute_rotary(w, n_head)
-    if ".attn_k." in t.name:
-        return unpermute_rotary(w, n_kv)
-    return w
+    return hf_row_order(t.name, w, n_head, n_kv)
 
 
 def read_safetensors_weights(folder: Path) -> dict[str, np.ndarray]:
