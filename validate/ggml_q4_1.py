@@ -117,7 +117,7 @@ def check_q4_1(result: Any, q: np.ndarray, d: np.ndarray, m: np.ndarray, *, rtol
     rows = _compare(rep, "ggml", np.asarray(result.q), result.scale, result.zero, q, d, m, rtol)
     if rows is not None and W is not None and H is not None and rows.any():
         W = np.asarray(W, dtype=np.float64)[rows]
-        energy = float(np.einsum("ij,jk,ik->", W, np.asarray(H, dtype=np.float64), W))
+        energy = float(np.einsum("ij,ij->", W @ np.asarray(H, dtype=np.float64), W))  # as check_result's
         loss = float(np.asarray(result.row_loss, dtype=np.float64)[rows].sum())
         ratio = loss / energy if energy > 0 else loss
         rep.numbers["loss_ratio"] = ratio
