@@ -16,8 +16,16 @@ from __future__ import annotations
 import functools
 import os
 
+import numpy as np
+
 INSTALL_HINT = ('the gpu backend needs numba-cuda and a CUDA GPU: pip install "decoupleq-ref[cuda]" '
                 "(or use the numpy/numba backends)")
+
+# numba-cuda 0.30 registers an overload for np.row_stack when it first compiles a kernel;
+# NumPy 2.5 removed that alias of np.vstack, so every compilation failed (seen on an H200 with
+# numpy 2.5.2 + numba-cuda 0.30.4). Restore the alias before numba-cuda looks for it.
+if not hasattr(np, "row_stack"):  # pragma: no cover - depends on the installed NumPy
+    np.row_stack = np.vstack
 
 try:  # pragma: no cover - both states are exercised by tests/test_gpu_sim.py
     from numba import cuda
@@ -96,3 +104,4 @@ class _Stub:
 def blocks(n: int, per_block: int) -> int:
     """Grid size covering n items with per_block items per block (at least 1)."""
     return max(1, -(-n // per_block))
+

@@ -12,6 +12,9 @@ from ._cuda import blocks, cuda, jit, simulator
 # them per block make the tests 4× slower (the kernels are written for any TILE).
 TILE = 8 if simulator() else 16
 REDUCE_THREADS = 256
+# Shared-array shapes must be literal constants in CUDA (an expression like TILE + 1 inside the
+# kernel types as a runtime int64), hence a named constant: +1 column against bank conflicts.
+TILE_PAD = TILE + 1
 
 
 @jit(device=True)
@@ -94,7 +97,7 @@ def sum_and_count(values, flags) -> tuple[float, int]:
 @jit
 def _transpose_kernel(A, At):
     """At = Aᵀ through a shared tile, so reads and writes are both coalesced."""
-    tile = cuda.shared.array((TILE, TILE + 1), np.float64)  # +1: no shared-memory bank conflicts
+    tile = cuda.shared.array((TILE, TILE_PAD), np.float64)
     ty, tx = cuda.threadIdx.y, cuda.threadIdx.x
     i = cuda.blockIdx.y * TILE + ty
     j = cuda.blockIdx.x * TILE + tx

@@ -5,11 +5,12 @@ columns m·c … m·c + c − 1, c = 32/b codes, column m·c + r in bits [r·b, 
 b ∈ {1, 2, 4, 8} (no code straddles a word); b = 3 is rejected with a ValueError. Activations
 are fp16 or fp32, accumulation is fp32 and y is fp32.
 
-* GEMV (batch ≤ 8): a warp per output row, a lane per word, so a warp reads 128 contiguous
-  bytes of codes; the block stages the matching chunk of x in shared memory (one column of
-  padding per word: no bank conflicts). When a group spans whole words (g a multiple of c) each
-  word contributes s·Σ x·q + z·Σ x, one scale/zero load per word.
-* GEMM (batch > 8): tiles of x and of dequantized Ŵ (fp32) in shared memory, TILE×TILE outputs
+* GEMV (batch ≤ 16): a warp per few output rows, a lane per word, so a warp reads 128
+  contiguous bytes of each row's codes; the block stages the matching chunk of x in shared
+  memory once for all its rows (one column of padding per word: no bank conflicts). When a
+  group spans whole words (g a multiple of c) each word contributes s·Σ x·q + z·Σ x, one
+  scale/zero load per word. One compiled kernel per (bits, batch): see ``gemv_kernel``.
+* GEMM (batch > 16): tiles of x and of dequantized Ŵ (fp32) in shared memory, TILE×TILE outputs
   per block.
 * fp16 branch (FORMAT.md, optional): y += x[:, idx] @ Bᵀ by a second small kernel, one thread
   per output, B (out, k) held as fp32 (exact from fp16).
@@ -17,86 +18,161 @@ are fp16 or fp32, accumulation is fp32 and y is fp32.
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
 from decoupleq_ref.matmul import PackedLayer
 
 from ._cuda import blocks, cuda, jit, require
-from .linalg import TILE, sum_tile_rows
+from .linalg import TILE
 
-GEMV_MAX_BATCH = 8
+GEMV_MAX_BATCH = 16
 WARP = 32
-GEMV_WARPS = 4
+GEMV_WARPS = 8
 CHUNK_WORDS = WARP  # words per row per step: one per lane
-XS_STRIDE = 33  # ≥ codes per word + 1 (skew against bank conflicts), for b ≥ 1
 MM_K = 32  # columns per GEMM step
+MM_K_PAD = MM_K + 1  # CUDA needs literal shared-array shapes (see linalg.TILE_PAD)
+MAX_STATIC_SHARED = 48 * 1024  # bytes of static shared memory a block may declare
 SUPPORTED_BITS = (1, 2, 4, 8)
 
 
-@jit
-def _gemv_kernel(x, words, scale, zero, bits, gs, y):
-    xs = cuda.shared.array((GEMV_MAX_BATCH, CHUNK_WORDS * XS_STRIDE), np.float32)
-    red = cuda.shared.array((GEMV_WARPS, WARP), np.float32)
-    acc = cuda.local.array(GEMV_MAX_BATCH, np.float32)
-    dq = cuda.local.array(GEMV_MAX_BATCH, np.float32)
-    sx = cuda.local.array(GEMV_MAX_BATCH, np.float32)
-    tid = cuda.threadIdx.x
-    warp, lane = tid // WARP, tid % WARP
-    o = cuda.blockIdx.x * GEMV_WARPS + warp
-    batch, n = x.shape
-    out, nwords = words.shape
+def gemv_rows_per_warp(batch: int) -> int:
+    """Rows a warp carries through one pass over x: more rows share each staged x value and put
+    more loads in flight per lane, bounded by rows × batch ≤ 32 accumulators (one lane writes
+    each result). Measured on an H200 (BENCHMARKS.md §4): 4 rows at batch 1 (8 rows: 1.25×
+    slower on 16384²), 8 rows at batch 4 (1.45× faster than 4 on 16384²)."""
+    return 4 if batch == 1 else min(8, WARP // batch)
+
+
+def gemv_shared_bytes(bits: int, batch: int, warps: int = GEMV_WARPS, rows: int = 0) -> int:
+    """Static shared memory of ``gemv_kernel``: one buffer holding the staged x chunk during the
+    loop and the lanes' partial sums after it."""
+    rows = rows or gemv_rows_per_warp(batch)
+    return 4 * max(batch * CHUNK_WORDS * (32 // bits + 1), warps * rows * batch * WARP)
+
+
+def gemv_fits(bits: int, batch: int, warps: int = GEMV_WARPS, rows: int = 0) -> bool:
+    """The GEMV kernel exists for this shape: ≤ 32 results per warp and ≤ 48 KiB of static shared memory."""
+    rows = rows or gemv_rows_per_warp(batch)
+    return rows * batch <= WARP and gemv_shared_bytes(bits, batch, warps, rows) <= MAX_STATIC_SHARED
+
+
+@functools.lru_cache(maxsize=None)
+def gemv_kernel(bits: int, batch: int, warps: int = GEMV_WARPS, rows: int = 0):
+    """The GEMV kernel for one (bits, batch, warps per block, rows per warp):
+    y[b, o] = Σ_col x[b, col]·Ŵ[o, col].
+
+    Specialised by closure constants, so every loop over codes, batch rows and a warp's rows has
+    a trip count known to the compiler (unrolled, accumulators in registers, no local memory)
+    and the shared array has a literal shape. Block = ``warps`` warps, each warp ``rows``
+    consecutive output rows; per step a lane loads one 32-bit word of each of its rows (a warp
+    reads 128 contiguous bytes per row, the rows' loads in flight together), and the block
+    stages the matching chunk of x in shared memory once for all its rows (padded stride
+    cpw + 1: no bank conflicts). Groups spanning whole words add s·Σ x·q + z·Σ x per word, Σ x
+    shared by the warp's rows. Lane partial sums meet in a fixed-order tree (deterministic)."""
+    rows = rows or gemv_rows_per_warp(batch)
     cpw = 32 // bits
     mask = (1 << bits) - 1
-    whole_words = gs % cpw == 0
-    for bb in range(GEMV_MAX_BATCH):
-        acc[bb] = 0.0
-    for w0 in range(0, nwords, CHUNK_WORDS):
-        c0 = w0 * cpw
-        for e in range(tid, batch * CHUNK_WORDS * cpw, cuda.blockDim.x):
-            bb, c = e // (CHUNK_WORDS * cpw), e % (CHUNK_WORDS * cpw)
-            col = c0 + c
-            xs[bb, (c // cpw) * XS_STRIDE + c % cpw] = np.float32(x[bb, col]) if col < n else np.float32(0.0)
-        cuda.syncthreads()
-        m = w0 + lane
-        if o < out and m < nwords and m * cpw < n:
-            word = words[o, m]
-            base = lane * XS_STRIDE
-            if whole_words:
-                for bb in range(batch):
-                    dq[bb] = 0.0
-                    sx[bb] = 0.0
-                for r in range(cpw):
-                    code = np.float32((word >> (r * bits)) & mask)
+    stride = cpw + 1
+    xs_width = CHUNK_WORDS * stride
+    nacc = rows * batch
+    rows_per_block = warps * rows
+    threads = warps * WARP
+    shared_floats = gemv_shared_bytes(bits, batch, warps, rows) // 4
+    if not gemv_fits(bits, batch, warps, rows):
+        raise ValueError(f"gemv_kernel: rows·batch = {nacc} (at most {WARP}) and {4 * shared_floats} bytes of "
+                         f"shared memory (at most {MAX_STATIC_SHARED}) for bits={bits}, batch={batch}, "
+                         f"warps={warps}; use fewer warps or rows, or the GEMM path")
+
+    @jit
+    def kernel(x, words, scale, zero, gs, y):
+        sm = cuda.shared.array(shared_floats, np.float32)
+        acc = cuda.local.array(nacc, np.float32)
+        dq = cuda.local.array(nacc, np.float32)
+        sx = cuda.local.array(batch, np.float32)
+        wd = cuda.local.array(rows, np.uint32)
+        tid = cuda.threadIdx.x
+        warp, lane = tid // WARP, tid % WARP
+        o0 = cuda.blockIdx.x * rows_per_block + warp * rows
+        n = x.shape[1]
+        out, nwords = words.shape
+        whole_words = gs % cpw == 0
+        for e in range(nacc):
+            acc[e] = 0.0
+        for w0 in range(0, nwords, CHUNK_WORDS):
+            c0 = w0 * cpw
+            for e in range(tid, batch * CHUNK_WORDS * cpw, threads):
+                bb, c = e // (CHUNK_WORDS * cpw), e % (CHUNK_WORDS * cpw)
+                col = c0 + c
+                sm[bb * xs_width + (c // cpw) * stride + c % cpw] = np.float32(x[bb, col]) if col < n else np.float32(0.0)
+            cuda.syncthreads()
+            m = w0 + lane
+            if m < nwords and m * cpw < n:
+                for k in range(rows):
+                    wd[k] = words[o0 + k, m] if o0 + k < out else np.uint32(0)
+                base = lane * stride
+                if whole_words:
+                    for e in range(nacc):
+                        dq[e] = 0.0
                     for bb in range(batch):
-                        v = xs[bb, base + r]
-                        dq[bb] += v * code
-                        sx[bb] += v
-                g = (m * cpw) // gs
-                s, z = scale[o, g], zero[o, g]
-                for bb in range(batch):
-                    acc[bb] += s * dq[bb] + z * sx[bb]
-            else:
-                for r in range(cpw):
-                    col = m * cpw + r
-                    if col < n:
-                        g = col // gs
-                        wv = scale[o, g] * np.float32((word >> (r * bits)) & mask) + zero[o, g]
+                        sx[bb] = 0.0
+                    for r in range(cpw):
                         for bb in range(batch):
-                            acc[bb] += xs[bb, base + r] * wv
+                            v = sm[bb * xs_width + base + r]
+                            sx[bb] += v
+                            for k in range(rows):
+                                dq[k * batch + bb] += v * np.float32((wd[k] >> (r * bits)) & mask)
+                    g = (m * cpw) // gs
+                    for k in range(rows):
+                        if o0 + k < out:
+                            s, z = scale[o0 + k, g], zero[o0 + k, g]
+                            for bb in range(batch):
+                                acc[k * batch + bb] += s * dq[k * batch + bb] + z * sx[bb]
+                else:
+                    for r in range(cpw):
+                        col = m * cpw + r
+                        if col < n:
+                            g = col // gs
+                            for k in range(rows):
+                                if o0 + k < out:
+                                    wv = scale[o0 + k, g] * np.float32((wd[k] >> (r * bits)) & mask) + zero[o0 + k, g]
+                                    for bb in range(batch):
+                                        acc[k * batch + bb] += sm[bb * xs_width + base + r] * wv
+            cuda.syncthreads()
+        red = (warp * nacc) * WARP  # after the loop's last barrier the x chunk is dead: reuse it
+        for e in range(nacc):  # fixed-order tree over the lanes of each warp, all sums at once
+            sm[red + e * WARP + lane] = acc[e]
         cuda.syncthreads()
-    for bb in range(batch):  # fixed-order tree over the lanes of each warp
-        red[warp, lane] = acc[bb]
-        sum_tile_rows(red, warp, lane, WARP)
-        if lane == 0 and o < out:
-            y[bb, o] = red[warp, 0]
-        cuda.syncthreads()
+        step = WARP // 2
+        while step > 0:
+            if lane < step:
+                for e in range(nacc):
+                    sm[red + e * WARP + lane] += sm[red + e * WARP + lane + step]
+            cuda.syncthreads()
+            step //= 2
+        if lane < nacc:
+            o = o0 + lane // batch
+            if o < out:
+                y[lane % batch, o] = sm[red + lane * WARP]
+
+    kernel.factory = ("gemv_kernel", (bits, batch, warps, rows))  # read by gpu.compile_check
+    return kernel
+
+
+def launch_gemv(dx, dev: "DevicePackedLayer", y, warps: int = GEMV_WARPS, rows: int = 0) -> None:
+    """y = dx @ Ŵᵀ by ``gemv_kernel`` (the packed part only; ``packed_matmul`` adds the branch)."""
+    batch, out = dx.shape[0], dev.shape[0]
+    rows = rows or gemv_rows_per_warp(batch)
+    kernel = gemv_kernel(dev.bits, batch, warps, rows)
+    kernel[blocks(out, warps * rows), warps * WARP](dx, dev.words, dev.scale, dev.zero, dev.group_size, y)
 
 
 @jit
 def _gemm_kernel(x, words, scale, zero, bits, gs, y):
     """Block = TILE batch rows × TILE outputs; per step MM_K columns of x and of Ŵ in shared memory."""
-    xs = cuda.shared.array((TILE, MM_K + 1), np.float32)
-    ws = cuda.shared.array((TILE, MM_K + 1), np.float32)
+    xs = cuda.shared.array((TILE, MM_K_PAD), np.float32)
+    ws = cuda.shared.array((TILE, MM_K_PAD), np.float32)
     ty, tx = cuda.threadIdx.y, cuda.threadIdx.x
     tid = ty * TILE + tx
     b0, o0 = cuda.blockIdx.y * TILE, cuda.blockIdx.x * TILE
@@ -169,24 +245,31 @@ def _check_x(x, n_in: int):
         raise ValueError(f"x: has {shape[1]} columns but the layer's input dimension is {n_in}")
 
 
-def packed_matmul(x, layer: PackedLayer | DevicePackedLayer):
+def packed_matmul(x, layer: PackedLayer | DevicePackedLayer, out=None):
     """y = x @ Ŵᵀ (fp32) for x (batch, in) fp16/fp32, a numpy or numba device array; with the
     fp16 branch, y = x @ (s·q + z)ᵀ + x[:, idx] @ Bᵀ.
 
-    A host x gives a host y; a device x gives a device y (what benchmarks time). GEMV kernel for
-    batch ≤ 8, tiled GEMM above."""
+    A host x gives a host y; a device x gives a device y (what benchmarks time). ``out``: a
+    device float32 (batch, out) array to write y into (no allocation per call; device x only).
+    GEMV kernel for batch ≤ GEMV_MAX_BATCH where it fits (``gemv_fits``), tiled GEMM otherwise."""
     dev = layer if isinstance(layer, DevicePackedLayer) else DevicePackedLayer(layer)
     _check_x(x, dev.shape[1])
     on_host = isinstance(x, np.ndarray)
     dx = cuda.to_device(np.ascontiguousarray(x)) if on_host else x
-    batch, out = dx.shape[0], dev.shape[0]
-    y = cuda.device_array((batch, out), np.float32)
-    if batch <= GEMV_MAX_BATCH:
-        _gemv_kernel[blocks(out, GEMV_WARPS), GEMV_WARPS * WARP](dx, dev.words, dev.scale, dev.zero, dev.bits,
-                                                                 dev.group_size, y)
+    batch, n_out = dx.shape[0], dev.shape[0]
+    if out is None:
+        y = cuda.device_array((batch, n_out), np.float32)
+    elif on_host or np.dtype(out.dtype) != np.float32 or tuple(out.shape) != (batch, n_out):
+        raise ValueError(f"out: expected a float32 device array of shape {(batch, n_out)} with a device x, "
+                         f"got {np.dtype(out.dtype)} {tuple(out.shape)}{' and a host x' if on_host else ''}; "
+                         f"leave out=None to get a new array")
     else:
-        _gemm_kernel[(blocks(out, TILE), blocks(batch, TILE)), (TILE, TILE)](dx, dev.words, dev.scale, dev.zero,
-                                                                           dev.bits, dev.group_size, y)
+        y = out
+    if batch <= GEMV_MAX_BATCH and gemv_fits(dev.bits, batch):
+        launch_gemv(dx, dev, y)
+    else:
+        _gemm_kernel[(blocks(n_out, TILE), blocks(batch, TILE)), (TILE, TILE)](dx, dev.words, dev.scale, dev.zero,
+                                                                             dev.bits, dev.group_size, y)
     if dev.hp_index is not None:
-        _branch_kernel[(blocks(out, TILE), blocks(batch, TILE)), (TILE, TILE)](dx, dev.hp_index, dev.hp_weight, y)
+        _branch_kernel[(blocks(n_out, TILE), blocks(batch, TILE)), (TILE, TILE)](dx, dev.hp_index, dev.hp_weight, y)
     return y.copy_to_host() if on_host else y

@@ -9,6 +9,8 @@ R H is never stored. The per-row sum is reduced in a fixed order (deterministic,
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from ._cuda import blocks, cuda, jit, require
@@ -25,7 +27,7 @@ def safe_den(s):
 @jit(device=True, inline=True)
 def rtn_code(w, s, z, maxq):
     """clamp(⌊(w − z)/s + ½⌋, 0, maxq): the reference's quantize_rtn / gptq rounding, one value."""
-    c = np.floor((w - z) / safe_den(s) + 0.5)
+    c = math.floor((w - z) / safe_den(s) + 0.5)  # float in CUDA (np.floor is not a CUDA function)
     return min(max(c, 0.0), float(maxq))
 
 

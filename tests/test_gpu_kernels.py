@@ -122,7 +122,11 @@ def test_relax_box():
     s, z, _ = dq.init_scale_zero(W, Hd, 2, 8, False, 10, 0.8)
     se, ze = expand_groups(s, 16), expand_groups(z, 16)
     w = gpu.relax_box(W, se, ze, Hd, 2, 3, 1e-3)
-    assert rel_err(w, dq.relax_box(W, se, ze, Hd, 2, 3, 1e-3)) < 1e-10
+    # The simulator reproduces the reference to ~1e-16. Compiled for a GPU, the kernels' fused
+    # multiply-adds round differently from NumPy, and Adam's steps divide by √v + ε, which
+    # enlarges last-bit differences where a gradient is tiny: 5e-7 relative was seen on an H200
+    # (every other kernel stayed within the 1e-10..1e-12 checked here). Issue 4's bar is 1e-5.
+    assert rel_err(w, dq.relax_box(W, se, ze, Hd, 2, 3, 1e-3)) < (1e-12 if gpu.simulator() else REL)
 
 
 def assert_same_result(res, ref):
@@ -214,7 +218,8 @@ def packed_layer(rng, out, n, gs, bits):
     (9, 40, -1, 2, 8),      # GEMV, per-channel, padded last word
     (10, 40, 4, 2, 3),      # GEMV, groups smaller than a word
     (10, 48, 8, 4, 20),     # GEMM, W4
-    (7, 96, 32, 1, 9),      # GEMM, W1
+    (7, 96, 32, 1, 9),      # GEMV, W1, 2 rows per warp
+    (6, 64, 32, 2, 17),     # GEMM, just past the GEMV range
     (5, 24, 8, 8, 2),       # GEMV, W8
 ])
 @pytest.mark.parametrize("dtype", [np.float16, np.float32])
@@ -237,7 +242,39 @@ def test_packed_matmul_property(out, n, gs, bits, batch, seed):
     assert rel_err(gpu.packed_matmul(x, lay), dq.matmul(x.astype(np.float64), lay)) < 1e-3
 
 
-@pytest.mark.parametrize("batch", [2, 11])
+@pytest.mark.parametrize("warps,rows,batch", [(4, 1, 2), (1, 4, 3), (2, 2, 1), (8, 4, 1), (2, 8, 4)])
+def test_gemv_kernel_every_block_shape(warps, rows, batch):
+    """Every (warps, rows per warp) the benchmark tries, on a row count that leaves the last
+    block part-full, groups inside a word (gs 4) and spanning words (gs 16), a padded last word."""
+    from numba import cuda
+
+    from gpu.matmul import DevicePackedLayer, launch_gemv
+
+    rng = np.random.default_rng(warps * 10 + rows)
+    for gs in (4, 16):
+        lay = packed_layer(rng, 13, 48 if gs == 16 else 40, gs, 2)
+        x = rng.standard_normal((batch, lay.shape[1])).astype(np.float16)
+        y = cuda.device_array((batch, 13), np.float32)
+        launch_gemv(cuda.to_device(x), DevicePackedLayer(lay), y, warps=warps, rows=rows)
+        assert rel_err(y.copy_to_host(), dq.matmul(x.astype(np.float64), lay)) < 1e-3
+
+
+def test_packed_matmul_writes_into_out():
+    from numba import cuda
+
+    rng = np.random.default_rng(3)
+    lay = packed_layer(rng, 6, 32, 8, 2)
+    x = rng.standard_normal((2, 32)).astype(np.float32)
+    y = cuda.device_array((2, 6), np.float32)
+    assert gpu.packed_matmul(cuda.to_device(x), lay, out=y) is y
+    assert rel_err(y.copy_to_host(), dq.matmul(x.astype(np.float64), lay)) < 1e-3
+    with pytest.raises(ValueError, match="^out: expected a float32 device array of shape \\(2, 6\\)"):
+        gpu.packed_matmul(cuda.to_device(x), lay, out=cuda.device_array((2, 5), np.float32))
+    with pytest.raises(ValueError, match="^out: .* and a host x"):
+        gpu.packed_matmul(x, lay, out=y)
+
+
+@pytest.mark.parametrize("batch", [2, 17])
 def test_packed_matmul_with_fp16_branch(batch):
     """y = packed part + x[:, idx] @ Bᵀ, both kernel paths (GEMV and GEMM)."""
     rng = np.random.default_rng(batch)

@@ -1,13 +1,17 @@
-"""Runs tests/test_gpu_kernels.py in numba's CUDA simulator, in a subprocess.
+"""Runs tests/test_gpu_kernels.py in numba's CUDA simulator, in a subprocess, and compiles every
+kernel launch it made for a real GPU (sm_90) with gpu.compile_check.
 
 NUMBA_ENABLE_CUDASIM must be set before numba.cuda is imported, and it would replace every
 CUDA API in the process, so the simulator gets its own interpreter and the other tests keep the
 real numba. The child must pass every test and skip none (a skip there would hide a kernel).
+The simulator runs kernels as Python and accepts code CUDA refuses; the compile check is what
+catches that without a GPU (it needs NVVM and NVRTC: pip install -e ".[ptx]").
 """
 
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import subprocess
 import sys
@@ -16,15 +20,55 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+needs_numba_cuda = pytest.mark.skipif(
+    importlib.util.find_spec("numba_cuda") is None,
+    reason='numba-cuda is not installed: pip install -e ".[cuda]" to run the GPU kernels in the simulator')
+
+CHILD = """
+import sys, pytest, gpu.compile_check as cc
+cc.record_launches(sys.argv[1])
+sys.exit(pytest.main(["-q", "-p", "no:cacheprovider", "-rs", sys.argv[2]]))
+"""
 
 
-@pytest.mark.skipif(importlib.util.find_spec("numba_cuda") is None,
-                    reason='numba-cuda is not installed: pip install -e ".[cuda]" to run the GPU kernels in the simulator')
-def test_gpu_kernels_in_the_cuda_simulator():
+@pytest.fixture(scope="module")
+def simulator_run(tmp_path_factory):
+    launches = tmp_path_factory.mktemp("gpu_sim") / "launches.json"
     env = dict(os.environ, NUMBA_ENABLE_CUDASIM="1")
-    proc = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rs", str(ROOT / "tests" / "test_gpu_kernels.py")],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run([sys.executable, "-c", CHILD, str(launches), str(ROOT / "tests" / "test_gpu_kernels.py")],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    return proc, launches
+
+
+@needs_numba_cuda
+def test_gpu_kernels_in_the_cuda_simulator(simulator_run):
+    proc, _ = simulator_run
     tail = proc.stdout[-4000:] + proc.stderr[-2000:]
     assert proc.returncode == 0, tail
     assert " passed" in proc.stdout and "skipped" not in proc.stdout, tail
+
+
+def _ptx_toolchain() -> str | None:
+    """Why PTX cannot be compiled here (None when NVVM and NVRTC load)."""
+    if importlib.util.find_spec("numba_cuda") is None:
+        return "numba-cuda is not installed"
+    probe = ("from numba import cuda, float32\n"
+             "def k(a):\n    a[0] = 1\n"
+             "cuda.compile_ptx(k, (float32[:],), cc=(9, 0))")
+    proc = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300)
+    return None if proc.returncode == 0 else proc.stderr.strip().splitlines()[-1][:300]
+
+
+@needs_numba_cuda
+def test_every_launched_kernel_compiles_for_a_real_gpu(simulator_run):
+    why = _ptx_toolchain()
+    if why:
+        pytest.skip(f'no NVVM/NVRTC to compile PTX ({why}): pip install -e ".[ptx]"')
+    _, launches = simulator_run
+    rows = json.loads(launches.read_text())
+    names = {r["name"] for r in rows}
+    assert {"gemv_kernel", "_gemm_kernel", "_gptq_block_kernel", "_grid_residual_kernel"} <= names, sorted(names)
+    proc = subprocess.run([sys.executable, "-m", "gpu.compile_check", str(launches)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-2000:]
+    assert f"{len(rows)} of {len(rows)} recorded kernel launches compile for sm_90" in proc.stdout

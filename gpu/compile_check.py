@@ -1,0 +1,120 @@
+"""Compile every gpu kernel for a real GPU target, without a GPU.
+
+numba's CUDA simulator runs a kernel as plain Python, so it accepts code that the CUDA compiler
+refuses (``np.floor`` in a kernel, a shared-array shape written as ``TILE + 1``): all of the gpu
+backend once passed the simulator tests and would have failed at its first launch on hardware.
+This module closes that gap in two steps:
+
+1. ``record_launches(path)``, in a process running under the simulator, notes every kernel
+   launch with the numba types of its arguments (a kernel made by a factory such as
+   ``gpu.matmul.gemv_kernel`` is noted with the factory's arguments), and writes them as JSON at
+   exit;
+2. ``compile_recorded(path, cc)``, in a process with the real numba-cuda (NVVM and NVRTC, no GPU
+   needed), compiles each recorded (kernel, signature) to PTX for compute capability ``cc``
+   (default 9.0, Hopper) and returns the failures.
+
+    NUMBA_ENABLE_CUDASIM=1 python -c "import gpu.compile_check as c, pytest; \\
+        c.record_launches('launches.json'); pytest.main(['tests/test_gpu_kernels.py'])"
+    python -m gpu.compile_check launches.json [--cc 9.0]
+
+tests/test_gpu_sim.py does both on every test run where NVVM and NVRTC can be loaded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import atexit
+import importlib
+import json
+import re
+import sys
+from pathlib import Path
+
+
+def record_launches(path: str | Path) -> None:
+    """Under the simulator: note every kernel launch (module, name, factory arguments, argument
+    types) and write the distinct ones to `path` when the process exits."""
+    import numba
+    from numba.cuda.simulator import kernel as sim
+
+    seen: dict[tuple, None] = {}
+    launch = sim.FakeCUDAKernel.__call__
+
+    def typename(arg) -> str:
+        return str(numba.typeof(getattr(arg, "_ary", arg)))  # a simulated device array wraps numpy's
+
+    def recording_call(self, *args):
+        if not (self._device or sim._kernel_context):  # a launch from the host, not a device call
+            factory = getattr(self, "factory", None)
+            key = (self.fn.__module__, factory[0] if factory else self.fn.__qualname__,
+                   tuple(factory[1]) if factory else None, tuple(typename(a) for a in args))
+            seen[key] = None
+        return launch(self, *args)
+
+    sim.FakeCUDAKernel.__call__ = recording_call
+
+    @atexit.register
+    def write() -> None:
+        rows = [{"module": m, "name": n, "factory_args": fa, "arg_types": list(t)} for m, n, fa, t in seen]
+        Path(path).write_text(json.dumps(rows, indent=1))
+
+
+def parse_type(name: str):
+    """A numba type from its str(): 'array(float64, 2d, C)', 'int64', 'bool', ..."""
+    from numba.core import types
+
+    m = re.fullmatch(r"array\((\w+), (\d+)d, ([CFA])\)", name)
+    if m:
+        return types.Array(getattr(types, m[1]), int(m[2]), m[3])
+    if name == "bool":
+        return types.boolean
+    ty = getattr(types, name, None)
+    if not isinstance(ty, types.Type):
+        raise ValueError(f"launches file: cannot rebuild the numba type {name!r}")
+    return ty
+
+
+def compile_recorded(path: str | Path, cc: tuple[int, int] = (9, 0)) -> list[tuple[str, str]]:
+    """Compile every recorded launch to PTX for `cc`; returns [(kernel and signature, error)]."""
+    from numba import cuda
+    from numba.cuda import dispatcher
+
+    class _Target:  # device functions ask the current device for its compute capability
+        compute_capability = cc
+
+    dispatcher.get_current_device = lambda: _Target()
+    failures = []
+    for row in json.loads(Path(path).read_text()):
+        obj = getattr(importlib.import_module(row["module"]), row["name"])
+        kernel = obj(*row["factory_args"]) if row["factory_args"] is not None else obj
+        sig = tuple(parse_type(t) for t in row["arg_types"])
+        made = "" if row["factory_args"] is None else str(tuple(row["factory_args"]))
+        label = f"{row['module']}.{row['name']}{made}({', '.join(row['arg_types'])})"
+        try:
+            cuda.compile_ptx(kernel.py_func, sig, cc=cc)
+        except Exception as exc:  # every compiler error is a finding, whatever its class
+            failures.append((label, f"{type(exc).__name__}: {exc}"))
+    return failures
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description="Compile recorded gpu kernel launches to PTX (no GPU needed).")
+    ap.add_argument("launches", help="JSON written by record_launches")
+    ap.add_argument("--cc", default="9.0", help="compute capability to compile for, e.g. 8.0 or 9.0")
+    args = ap.parse_args(argv)
+    try:
+        cc = tuple(int(p) for p in args.cc.split("."))
+    except ValueError:
+        ap.error(f"--cc: expected MAJOR.MINOR such as 9.0, got {args.cc!r}")
+    if not Path(args.launches).is_file():
+        ap.error(f"launches: no file {args.launches!r}; write one with record_launches under the simulator")
+    n = len(json.loads(Path(args.launches).read_text()))
+    failures = compile_recorded(args.launches, cc)
+    for label, err in failures:
+        print(f"FAIL {label}\n  {err.strip()[:2000]}\n")
+    print(f"{n - len(failures)} of {n} recorded kernel launches compile for sm_{cc[0]}{cc[1]}")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
