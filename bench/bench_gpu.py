@@ -76,9 +76,10 @@ def call_ms(torch, fn, reps: int) -> float:
 
 def kernel_ms(torch, fn, burst: int, rounds: int = 3) -> float:
     """Device ms per call: the GPU sleeps while the host queues a burst of calls between two
-    events, then runs them back to back; best of `rounds`. The burst is `burst` calls, fewer for
-    slow calls (about 30 ms of GPU work). Marked launch-bound (returned negative) when the host
-    took longer to queue them than the GPU slept, i.e. the GPU may have idled."""
+    events, then runs them back to back; best of `rounds`. The burst is `burst` calls (20..400),
+    fewer for slow calls (about 30 ms of GPU work). Marked launch-bound (returned negative) when
+    the host took longer to queue them than the GPU slept, i.e. the GPU may have idled."""
+    burst = max(20, min(burst, 400))
     burst = max(5, min(burst, int(30.0 / max(call_ms(torch, fn, 3), 1e-3))))
     best, launch_bound = float("inf"), False
     for _ in range(rounds):
@@ -122,20 +123,21 @@ def random_codes(n: int) -> tuple[np.ndarray, np.ndarray]:
     return q, dq.pack(q, 2)
 
 
-def packed_case(torch, n: int, gs: int, rng):
-    """(DevicePackedLayer, W as fp16 on the device, W as fp32 on the device, bytes the packed GEMV reads)."""
-    q, packed = random_codes(n)
+def packed_case(n: int, gs: int, rng) -> dq.PackedLayer:
+    """A random W2 n×n PackedLayer (codes from random_codes, random scales and zeros)."""
+    _, packed = random_codes(n)
     G = 1 if gs == -1 else n // gs
     scale = (rng.random((n, G), dtype=np.float32) * 0.01 + 1e-3).astype(np.float32)
     zero = (-rng.random((n, G), dtype=np.float32) * 0.01).astype(np.float32)
-    layer = dq.PackedLayer(packed, scale, zero, 2, gs, (n, n))
-    dev = gpu.DevicePackedLayer(layer)
-    width = n if gs == -1 else gs
-    tq = torch.from_numpy(q).cuda()
-    W32 = tq.float() * torch.from_numpy(scale).cuda().repeat_interleave(width, 1) \
-        + torch.from_numpy(zero).cuda().repeat_interleave(width, 1)
-    del tq
-    return dev, W32.half(), W32, packed.nbytes + scale.nbytes + zero.nbytes
+    return dq.PackedLayer(packed, scale, zero, 2, gs, (n, n))
+
+
+def dense_weight(torch, layer: dq.PackedLayer):
+    """Ŵ of `layer` as fp32 on the device (dequantized there: the host would take seconds at 16384²)."""
+    q, _ = random_codes(layer.shape[0])
+    width = layer.shape[1] if layer.group_size == -1 else layer.group_size
+    return torch.from_numpy(q).cuda().float() * torch.from_numpy(layer.scale).cuda().repeat_interleave(width, 1) \
+        + torch.from_numpy(layer.zero).cuda().repeat_interleave(width, 1)
 
 
 def bench_matmul(torch, sizes, reps: int, peak: float) -> None:
@@ -147,7 +149,10 @@ def bench_matmul(torch, sizes, reps: int, peak: float) -> None:
     rng = np.random.default_rng(0)
     for n in sizes:
         for gs in (64, -1):
-            dev, W16, W32, nbytes = packed_case(torch, n, gs, rng)
+            layer = packed_case(n, gs, rng)
+            dev, W32 = gpu.DevicePackedLayer(layer), dense_weight(torch, layer)
+            W16 = W32.half()
+            nbytes = layer.packed.nbytes + layer.scale.nbytes + layer.zero.nbytes
             for batch in (1, 4, 16, 64):
                 x16 = torch.randn(batch, n, device="cuda", dtype=torch.float16)
                 dx = cuda.as_cuda_array(x16)
@@ -164,8 +169,7 @@ def bench_matmul(torch, sizes, reps: int, peak: float) -> None:
                 packed()
                 ref = x16.float() @ W32.T
                 err = float((torch.as_tensor(y, device="cuda") - ref).abs().max() / ref.abs().max())
-                burst = max(20, min(reps, 400))
-                k_p, k_t = kernel_ms(torch, packed, burst), kernel_ms(torch, fp16, burst)
+                k_p, k_t = kernel_ms(torch, packed, reps), kernel_ms(torch, fp16, reps)
                 t_p, t_t = abs(k_p), abs(k_t)
                 c_p, c_t = call_ms(torch, packed, 20), call_ms(torch, fp16, 20)
                 gbps = (nbytes + x16.numel() * 2 + batch * n * 4) / t_p / 1e6
@@ -184,8 +188,7 @@ def bench_gemv_shapes(torch, sizes, reps: int) -> None:
     print(f"{'shape':>12} {'batch':>5} " + "".join(f"{f'{w}w×{r}r':>10}" for w, r in GEMV_SHAPES))
     rng = np.random.default_rng(1)
     for n in sizes:
-        dev, W16, W32, _ = packed_case(torch, n, 64, rng)
-        del W16, W32
+        dev = gpu.DevicePackedLayer(packed_case(n, 64, rng))
         for batch in (1, 4):
             x16 = torch.randn(batch, n, device="cuda", dtype=torch.float16)
             dx = cuda.as_cuda_array(x16)
@@ -194,7 +197,7 @@ def bench_gemv_shapes(torch, sizes, reps: int) -> None:
             for w, r in GEMV_SHAPES:
                 try:
                     row.append(fmt_ms(kernel_ms(torch, lambda: launch_gemv(dx, dev, y, warps=w, rows=min(r, 32 // batch)),
-                                                max(20, min(reps, 400))), 10))
+                                                reps), 10))
                 except ValueError:  # too much shared memory for this batch
                     row.append(f"{'-':>10}")
                 except Exception as exc:  # e.g. a launch out of registers: report it, go on

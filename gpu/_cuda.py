@@ -104,4 +104,3 @@ class _Stub:
 def blocks(n: int, per_block: int) -> int:
     """Grid size covering n items with per_block items per block (at least 1)."""
     return max(1, -(-n // per_block))
-
