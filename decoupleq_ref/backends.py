@@ -30,6 +30,18 @@ def backend_available(name: str) -> bool:
     return hasattr(mod, "quantize_layer") and (probe is None or bool(probe()))
 
 
+def backend_runnable(name: str) -> bool:
+    """True if the backend can execute here when asked for by name: available, or (cuda) the
+    Numba CUDA simulator (NUMBA_ENABLE_CUDASIM=1), which default_backend() never picks."""
+    if backend_available(name):
+        return True
+    try:
+        probe = getattr(importlib.import_module(_MODULES[name]), "can_run", None)
+    except ImportError:
+        return False
+    return probe is not None and bool(probe())
+
+
 def default_backend() -> str:
     """The fastest backend that can run here: cuda, then numba, then numpy."""
     for name in ("cuda", "numba"):
@@ -43,7 +55,7 @@ def get_solver(name: str | None = None) -> Solver:
     name = name or default_backend()
     if name not in BACKENDS:
         raise ValueError(f"backend: unknown backend {name!r}; choose one of {BACKENDS}")
-    if not backend_available(name):
+    if not backend_runnable(name):
         raise ValueError(f"backend: {name!r} is not available on this machine; install it with "
                          f"{_INSTALL_HINT[name]}, or pass --backend numpy")
     return importlib.import_module(_MODULES[name]).quantize_layer

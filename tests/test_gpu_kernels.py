@@ -306,3 +306,33 @@ def test_simulator_never_makes_cuda_the_default():
         assert not gpu.available() and not backend_available("cuda") and default_backend() != "cuda"
     else:
         assert gpu.available() and default_backend() == "cuda"
+
+
+
+def test_model_quantize_with_the_cuda_backend(tmp_path):
+    """`decoupleq quantize --backend cuda`'s path: get_solver("cuda") (the simulator counts when
+    cuda is named) behind quantize_model writes the checkpoint the numpy backend writes — same
+    codes, losses to REL. (The CLI itself runs on a GPU in bench/gpu_pipeline_check.py; here the
+    two layers and a small grid keep the simulator to seconds.)"""
+    pytest.importorskip("transformers")
+    from decoupleq_ref.backends import get_solver
+    from decoupleq_ref.model.checkpoint import read_checkpoint
+    from decoupleq_ref.model.quantize import quantize_model
+    from decoupleq_ref.model.source import resolve_model
+    from decoupleq_ref.model.stats import CalibrationStats
+    from decoupleq_ref.model.tiny import save_random_stats, save_tiny
+
+    model = save_tiny(tmp_path / "model", "llama", hidden_size=16, intermediate_size=16, num_hidden_layers=1,
+                      num_attention_heads=2, num_key_value_heads=1)
+    full = CalibrationStats.load(save_random_stats(model, tmp_path / "stats"))
+    keep = ["model.layers.0.self_attn.k_proj", "model.layers.0.mlp.down_proj"]  # 8×16 and 16×16
+    stats = CalibrationStats({n: full.hessians[n] for n in keep}, {n: full.layers[n] for n in keep}, full.info)
+    cfg = dq.QuantConfig(group_size=8, grid=5, iters=1)
+    for backend in ("cuda", "numpy"):
+        quantize_model(resolve_model(model), stats, cfg, get_solver(backend), backend, tmp_path / backend)
+    (meta, got), (meta_ref, ref) = read_checkpoint(tmp_path / "cuda"), read_checkpoint(tmp_path / "numpy")
+    assert meta["backend"] == "cuda" and set(got) == set(ref) == set(keep)
+    for name in ref:
+        assert np.mean(got[name].codes() == ref[name].codes()) >= CODES_AGREE, name
+        loss, loss_ref = meta["layers"][name]["loss"], meta_ref["layers"][name]["loss"]
+        assert abs(loss - loss_ref) <= REL * loss_ref + 1e-300, name

@@ -225,6 +225,18 @@ def test_clear_errors(tiny, text, tmp_path):
         CheckpointWriter(short, {"command": "quantize"})
 
 
+
+def test_cuda_backend_without_a_gpu_is_a_clear_error(tiny, text, tmp_path):
+    from decoupleq_ref.backends import backend_runnable
+
+    if backend_runnable("cuda"):
+        pytest.skip("a CUDA GPU (or the CUDA simulator) is here: --backend cuda runs")
+    calibrate(tiny["llama"], text, tmp_path / "stats")
+    res = cli("quantize", tiny["llama"], "--stats", tmp_path / "stats", "--backend", "cuda", "--out", tmp_path / "q",
+              ok=False)
+    assert res.exit_code == 2 and "'cuda' is not available on this machine" in flat(res.output), res.output
+    assert "--backend numpy" in flat(res.output) and not (tmp_path / "q").exists()
+
 def test_stats_from_another_model_are_refused(tiny, text, tmp_path):
     calibrate(tiny["gpt2"], text, tmp_path / "stats")
     res = cli("quantize", tiny["llama"], "--stats", tmp_path / "stats", "--out", tmp_path / "q", ok=False)
