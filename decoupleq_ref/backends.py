@@ -18,14 +18,19 @@ _INSTALL_HINT = {"numba": 'pip install "decoupleq-ref[numba]"',
 Solver = Callable[[np.ndarray, np.ndarray, QuantConfig], QuantResult]
 
 
+def _backend_module(name: str):
+    """The backend's module, or None where it does not import (its package is not installed)."""
+    try:
+        return importlib.import_module(_MODULES[name])
+    except ImportError:
+        return None
+
+
 def backend_available(name: str) -> bool:
     """True if the backend imports and says it can run here (``available()`` where defined)."""
     if name == "numpy":
         return True
-    try:
-        mod = importlib.import_module(_MODULES[name])
-    except ImportError:
-        return False
+    mod = _backend_module(name)
     probe = getattr(mod, "available", None)
     return hasattr(mod, "quantize_layer") and (probe is None or bool(probe()))
 
@@ -33,13 +38,8 @@ def backend_available(name: str) -> bool:
 def backend_runnable(name: str) -> bool:
     """True if the backend can execute here when asked for by name: available, or (cuda) the
     Numba CUDA simulator (NUMBA_ENABLE_CUDASIM=1), which default_backend() never picks."""
-    if backend_available(name):
-        return True
-    try:
-        probe = getattr(importlib.import_module(_MODULES[name]), "can_run", None)
-    except ImportError:
-        return False
-    return probe is not None and bool(probe())
+    probe = getattr(_backend_module(name), "can_run", None)
+    return backend_available(name) or (probe is not None and bool(probe()))
 
 
 def default_backend() -> str:

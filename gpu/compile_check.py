@@ -75,7 +75,12 @@ def parse_type(name: str):
 
 
 def compile_recorded(path: str | Path, cc: tuple[int, int] = (9, 0)) -> list[tuple[str, str]]:
-    """Compile every recorded launch to PTX for `cc`; returns [(kernel and signature, error)]."""
+    """Compile every launch recorded in `path` to PTX for `cc`; returns [(kernel and signature, error)]."""
+    return compile_launches(json.loads(Path(path).read_text()), cc)
+
+
+def compile_launches(rows: list[dict], cc: tuple[int, int] = (9, 0)) -> list[tuple[str, str]]:
+    """compile_recorded on the rows of a launches file, already read."""
     from numba import cuda
     from numba.cuda import dispatcher
 
@@ -84,7 +89,7 @@ def compile_recorded(path: str | Path, cc: tuple[int, int] = (9, 0)) -> list[tup
 
     dispatcher.get_current_device = lambda: _Target()
     failures = []
-    for row in json.loads(Path(path).read_text()):
+    for row in rows:
         obj = getattr(importlib.import_module(row["module"]), row["name"])
         kernel = obj(*row["factory_args"]) if row["factory_args"] is not None else obj
         sig = tuple(parse_type(t) for t in row["arg_types"])
@@ -108,11 +113,11 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"--cc: expected MAJOR.MINOR such as 9.0, got {args.cc!r}")
     if not Path(args.launches).is_file():
         ap.error(f"launches: no file {args.launches!r}; write one with record_launches under the simulator")
-    n = len(json.loads(Path(args.launches).read_text()))
-    failures = compile_recorded(args.launches, cc)
+    rows = json.loads(Path(args.launches).read_text())
+    failures = compile_launches(rows, cc)
     for label, err in failures:
         print(f"FAIL {label}\n  {err.strip()[:2000]}\n")
-    print(f"{n - len(failures)} of {n} recorded kernel launches compile for sm_{cc[0]}{cc[1]}")
+    print(f"{len(rows) - len(failures)} of {len(rows)} recorded kernel launches compile for sm_{cc[0]}{cc[1]}")
     return 1 if failures else 0
 
 

@@ -225,7 +225,6 @@ def test_clear_errors(tiny, text, tmp_path):
         CheckpointWriter(short, {"command": "quantize"})
 
 
-
 def test_cuda_backend_without_a_gpu_is_a_clear_error(tiny, text, tmp_path):
     from decoupleq_ref.backends import backend_runnable
 
@@ -236,6 +235,7 @@ def test_cuda_backend_without_a_gpu_is_a_clear_error(tiny, text, tmp_path):
               ok=False)
     assert res.exit_code == 2 and "'cuda' is not available on this machine" in flat(res.output), res.output
     assert "--backend numpy" in flat(res.output) and not (tmp_path / "q").exists()
+
 
 def test_stats_from_another_model_are_refused(tiny, text, tmp_path):
     calibrate(tiny["gpt2"], text, tmp_path / "stats")

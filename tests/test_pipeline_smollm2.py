@@ -53,7 +53,7 @@ def test_smollm2_gguf_calibrate_quantize_reload(tmp_path):
     stats = CalibrationStats.load(tmp_path / "stats")
     assert len(stats.layers) == 30 * 7 and stats.info["tokens"] == 128
     keep = ["model.layers.0.self_attn.v_proj", "model.layers.5.mlp.down_proj"]
-    subset = CalibrationStats({n: stats.hessians[n] for n in keep}, {n: stats.layers[n] for n in keep}, stats.info)
+    subset = stats.subset(keep)
     cfg = QuantConfig(bits=4, group_size=64, method="rtn")
     quantize_model(source, subset, cfg, get_solver("numpy"), "numpy", tmp_path / "q")
     config, layers = read_checkpoint(tmp_path / "q")

@@ -34,6 +34,10 @@ class CalibrationStats:
         write_json(folder / "stats.json", {"format": STATS_FORMAT, "version": STATS_VERSION,
                                            **self.info, "layers": self.layers})
 
+    def subset(self, names: list[str]) -> "CalibrationStats":
+        """The same statistics for the named linears only (e.g. to solve a few layers)."""
+        return CalibrationStats({n: self.hessians[n] for n in names}, {n: self.layers[n] for n in names}, self.info)
+
     @classmethod
     def load(cls, folder: Path) -> "CalibrationStats":
         meta_path = folder / "stats.json"
