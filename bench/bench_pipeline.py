@@ -9,7 +9,7 @@ the outputs of the already-quantized prefix), so the methods differ only in the 
     decoupleq+bw   the same + the block-wise stage          --method decoupleq --block-epochs E
 
 Calibration: random windows of wikitext-2 valid; evaluation: the first --eval-tokens tokens of
-wikitext-2-raw test in non-overlapping windows of --seqlen. Results go to --out-json after every
+wikitext-2-raw test in non-overlapping windows of --eval-seqlen (default --seqlen). Results go to --out-json after every
 run (a re-run skips what is there, and resumes an interrupted checkpoint), then a table and a PNG
 of perplexity vs bits per method.
 
@@ -52,9 +52,9 @@ def one_run(source, args, bits: int, group_size: int, method: str) -> dict:
     cfg = QuantConfig(bits=bits, group_size=group_size, method=solver_method)
     t0 = time.perf_counter()
     config = run_pipeline(source, args.calib_text, args.nsamples, args.seqlen, 0, cfg, args.backend, epochs,
-                          args.block_lr, out, overwrite=False)
+                          args.block_lr, out, overwrite=False, device=args.device)
     t_run = time.perf_counter() - t0
-    r = eval_pipeline(source, out, args.eval_text, args.seqlen, args.eval_tokens)
+    r = eval_pipeline(source, out, args.eval_text, args.eval_seqlen, args.eval_tokens, device=args.device)
     stages = config.get("blockwise", [])
     improved = sum(1 for s in stages if s.get("kept") == "trained")
     return {"setting": setting_name(bits, group_size), "bits": bits, "group_size": group_size, "method": method,
@@ -113,24 +113,28 @@ def main() -> None:
     p.add_argument("--calib-text", type=Path, default=DEFAULT_CALIB_TEXT)
     p.add_argument("--eval-text", type=Path, default=DEFAULT_EVAL_TEXT)
     p.add_argument("--nsamples", type=int, default=16)
-    p.add_argument("--seqlen", type=int, default=512)
+    p.add_argument("--seqlen", type=int, default=512, help="calibration window (and evaluation window unless "
+                   "--eval-seqlen)")
+    p.add_argument("--eval-seqlen", type=int, default=None)
     p.add_argument("--eval-tokens", type=int, default=8192)
     p.add_argument("--block-epochs", type=int, default=2)
     p.add_argument("--block-lr", type=float, default=3e-4,
                    help="3e-4: the official 1e-5 is for 512 Adam steps; 16 windows x 2 epochs make 32 (§5)")
     p.add_argument("--backend", default=None)
+    p.add_argument("--device", default="auto", help="torch device of the forward passes (decoupleq run --device)")
     p.add_argument("--workdir", type=Path, default=Path("/tmp/bench_pipeline"))
     p.add_argument("--out-json", type=Path, default=Path("/tmp/bench_pipeline/results.json"))
     p.add_argument("--png", type=Path, default=None)
     p.add_argument("--merge", type=Path, nargs="*", default=[],
                    help="other --out-json files (e.g. a second process's) to include in the table and plot")
     args = p.parse_args()
+    args.eval_seqlen = args.eval_seqlen or args.seqlen
     args.workdir.mkdir(parents=True, exist_ok=True)
     source = resolve_model(args.model)
     results = json.loads(args.out_json.read_text()) if args.out_json.exists() else {}
     if "fp" not in results:
         t0 = time.perf_counter()
-        r = eval_pipeline(source, None, args.eval_text, args.seqlen, args.eval_tokens)
+        r = eval_pipeline(source, None, args.eval_text, args.eval_seqlen, args.eval_tokens, device=args.device)
         results["fp"] = {**r, "eval_seconds": time.perf_counter() - t0}
         write_json(args.out_json, results)
     print(table(results), flush=True)

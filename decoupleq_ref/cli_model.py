@@ -29,6 +29,11 @@ DEFAULT_EVAL_TEXT = REPO.parent / "shared" / "data" / "wikitext-2-raw" / "wiki.t
 MODEL_ARG = typer.Argument(None, help="HF model directory (safetensors) or .gguf file; default: the bundled SmolLM2-135M-Instruct")
 
 
+def device_option() -> typer.Option:
+    return typer.Option("auto", help="torch device for the model's forward passes: auto (a CUDA GPU when torch "
+                        "sees one, else cpu), cpu, cuda or cuda:N; the layer solver's is --backend")
+
+
 def friendly_errors(command: Callable) -> Callable:
     """Bad input (ValueError) → typer usage error naming the argument; disk errors → one clear line
     and exit 1. Never a deep traceback for the user's mistakes."""
@@ -84,17 +89,19 @@ def calibrate_cmd(
     seqlen: int = typer.Option(2048, min=2, help="tokens per window"),
     seed: int = typer.Option(0, help="window sampling seed"),
     out: Path = typer.Option(Path("stats"), help="output folder (hessians.safetensors + stats.json)"),
+    device: str = device_option(),
 ) -> None:
     """Run the float model on random text windows; store H = XᵀX/N (float64) for every linear."""
     from .model.calibrate import calibrate
     from .model.text import text_sha256
-    from .model.torch_model import load_model
+    from .model.torch_model import load_model, torch_device
 
     source = model_source(model)
-    net, tokenizer = load_model(source)
+    where = torch_device(device)
+    net, tokenizer = load_model(source, device=where)
     windows = text_windows(tokenizer, text, nsamples, seqlen, seed)
     info = {"model": source.describe(), "text_sha256": text_sha256(text), "nsamples": nsamples,
-            "seqlen": seqlen, "seed": seed}
+            "seqlen": seqlen, "seed": seed, "device": where.type}
     stats = calibrate(net, windows, info)
     stats.save(out)
     log(f"wrote H for {len(stats.layers)} linears ({stats.info['tokens']} tokens) to {out}")
@@ -138,27 +145,29 @@ def quantize_cmd(
 
 def run_pipeline(source: ModelSource, text: Path, nsamples: int, seqlen: int, seed: int, cfg: QuantConfig,
                  backend: Optional[str], block_epochs: int, block_lr: float, out: Path, overwrite: bool,
-                 text_option: str = "--text") -> dict:
+                 text_option: str = "--text", device: str = "auto") -> dict:
     """calibration windows → sequential quantization with the block-wise stage → checkpoint."""
     from .model.checkpoint import CheckpointWriter, finished_with
     from .model.quantize import checkpoint_header
     from .model.sequential import run_model
     from .model.text import text_sha256
-    from .model.torch_model import load_model
+    from .model.torch_model import load_model, torch_device
 
     if block_epochs < 0 or block_lr < 0:
         raise ValueError("--block-epochs/--block-lr: must be >= 0 (0 turns the block-wise stage off)")
     solve, backend_name = solver_for(backend)
+    where = torch_device(device)
     if not Path(text).is_file():
         raise ValueError(f"{text_option}: {text} is not a file; pass a plain-text file (e.g. wikitext-2 valid.txt)")
     calibration = {"text_sha256": text_sha256(text), "nsamples": nsamples, "seqlen": seqlen, "seed": seed}
     header = checkpoint_header("run", source, cfg, backend_name, calibration)
     header["blockwise_settings"] = {"epochs": block_epochs, "lr": block_lr}
+    header["torch_device"] = where.type  # forward passes and Adam differ in the last bits between devices
     done = None if overwrite else finished_with(out, header)
     if done is not None:
         log(f"{out} is already a finished checkpoint of this command; nothing to do")
         return done
-    net, tokenizer = load_model(source, causal=True)
+    net, tokenizer = load_model(source, causal=True, device=where)
     windows = text_windows(tokenizer, text, nsamples, seqlen, seed, text_option)
     writer = CheckpointWriter(out, header, overwrite)
     return run_model(net, windows, cfg, solve, writer, block_epochs if block_lr > 0 else 0, block_lr, seed)
@@ -186,25 +195,28 @@ def run_cmd(
                                    "windows raise it (3e-4 at 16 x 512 x 2, BENCHMARKS.md §5)"),
     out: Path = typer.Option(Path("qmodel"), help="checkpoint folder"),
     overwrite: bool = typer.Option(False, help="replace an existing --out instead of resuming"),
+    device: str = device_option(),
 ) -> None:
     """The full procedure block by block: true-sequential layer-wise solve + block-wise stage."""
     cfg = quant_config(bits, group_size, method, iters, hp_channels, hp_select)
     t0 = time.perf_counter()
     config = run_pipeline(model_source(model), text, nsamples, seqlen, seed, cfg, backend, block_epochs,
-                          block_lr, out, overwrite)
+                          block_lr, out, overwrite, device=device)
     log(f"wrote {out}: {len(config['layers'])} layers in {time.perf_counter() - t0:.0f}s")
 
 
 def eval_pipeline(source: ModelSource, quantized: Optional[Path], text: Path, seqlen: int,
-                  max_tokens: Optional[int], text_option: str = "--text", packed: bool = False) -> dict:
+                  max_tokens: Optional[int], text_option: str = "--text", packed: bool = False,
+                  device: str = "auto") -> dict:
     """Perplexity of the float model, or of the checkpoint with its KL divergence to the float model."""
     from .model.evaluate import evaluate
     from .model.text import consecutive_windows, token_ids
-    from .model.torch_model import load_model, load_quantized
+    from .model.torch_model import load_model, load_quantized, torch_device
 
-    fp, tokenizer = load_model(source, causal=True)
+    where = torch_device(device)
+    fp, tokenizer = load_model(source, causal=True, device=where)
     windows = consecutive_windows(token_ids(tokenizer, text, text_option), seqlen, max_tokens)
-    result = {"model": source.describe(), "text": str(text)}
+    result = {"model": source.describe(), "text": str(text), "device": where.type}
     if quantized is None:
         return {**result, **evaluate(fp, windows)}
     q = copy.deepcopy(fp)  # one load (slow for GGUF); every quantized tensor is then overwritten
@@ -224,12 +236,13 @@ def eval_cmd(
     packed: bool = typer.Option(False, help="run the quantized linears through the packed matmul kernel "
                                 "(Numba when installed) instead of dequantized float weights"),
     json_out: bool = typer.Option(False, "--json", help="print one JSON object"),
+    device: str = device_option(),
 ) -> None:
     """Perplexity over non-overlapping windows (+ KL divergence to the float model with --quantized)."""
     t0 = time.perf_counter()
     if packed and quantized is None:
         raise ValueError("--packed: needs --quantized CHECKPOINT")
-    r = eval_pipeline(model_source(model), quantized, text, seqlen, max_tokens, packed=packed)
+    r = eval_pipeline(model_source(model), quantized, text, seqlen, max_tokens, packed=packed, device=device)
     r["seconds"] = time.perf_counter() - t0
     if json_out:
         typer.echo(json.dumps(r))
@@ -253,6 +266,7 @@ def demo_cmd(
     backend: Optional[str] = typer.Option(None, help=f"one of {', '.join(BACKENDS)}; default: fastest available"),
     out: Path = typer.Option(Path("decoupleq-demo"), help="checkpoint folder"),
     overwrite: bool = typer.Option(False, help="start over instead of resuming"),
+    device: str = device_option(),
 ) -> None:
     """The README's main job: calibrate + run at W2 g64 (block-wise stage on), eval fp vs quantized."""
     source = model_source(model)
@@ -265,9 +279,9 @@ def demo_cmd(
     if not eval_text.is_file():  # fail before the long run, not after it
         raise ValueError(f"--eval-text: {eval_text} is not a file; pass a plain-text file")
     config = run_pipeline(source, calib_text, nsamples, seqlen, 0, cfg, backend_name, block_epochs, block_lr, out,
-                          overwrite, "--calib-text")
+                          overwrite, "--calib-text", device)
     t_run = time.perf_counter() - t0
-    r = eval_pipeline(source, out, eval_text, seqlen, eval_tokens, "--eval-text")
+    r = eval_pipeline(source, out, eval_text, seqlen, eval_tokens, "--eval-text", device=device)
     stages = [s for s in config.get("blockwise", []) if "loss_before" in s]
     typer.echo(f"{source.path.name}: perplexity on {r['tokens']} tokens of {eval_text.name} "
                f"({r['windows']} windows x {seqlen})")

@@ -110,3 +110,46 @@ def test_demo_on_a_given_model(llama, text, tmp_path):
     out = flat(res.output)
     assert "float32" in out and "W2 g64 decoupleQ" in out and "KL to float" in out and "block-wise stage" in out
     assert read_checkpoint(tmp_path / "demo")[0]["group_size"] == 64
+
+
+def test_device_option(llama, text, tmp_path):
+    """--device: cpu gives the same checkpoint as auto on a machine without a GPU; a device torch
+    cannot use is refused with exit 2 naming the option, before any work."""
+    import torch
+
+    args = ("run", llama, "--text", text, *RUN, "--block-epochs", "1", "--block-lr", "1e-4")
+    cli(*args, "--device", "cpu", "--out", tmp_path / "cpu")
+    assert read_checkpoint(tmp_path / "cpu")[0]["torch_device"] == "cpu"
+    if not torch.cuda.is_available():
+        cli(*args, "--out", tmp_path / "auto")
+        assert tree_bytes(tmp_path / "auto") == tree_bytes(tmp_path / "cpu")
+    bad = [("tpu", "not a device"), ("meta", "not supported")]
+    if not torch.cuda.is_available():
+        bad.append(("cuda", "torch sees no GPU"))
+    else:
+        bad.append((f"cuda:{torch.cuda.device_count()}", "GPU(s)"))
+    for device, message in bad:
+        for command in (("run", *args[1:], "--out", tmp_path / "bad"), ("eval", llama, "--text", text),
+                        ("calibrate", llama, "--text", text, "--out", tmp_path / "bad")):
+            res = cli(*command, "--device", device, ok=False)
+            assert res.exit_code == 2 and "--device" in flat(res.output) and message in flat(res.output), res.output
+    assert not (tmp_path / "bad").exists()
+
+
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs a CUDA GPU")
+def test_run_on_a_gpu_matches_the_cpu(llama, text, tmp_path):
+    """On a GPU machine: `run --device cuda` (twice: the same bytes) against `--device cpu` — the
+    same integers wherever the layer's H agrees, layer losses and perplexity to 1e-3."""
+    args = ("run", llama, "--text", text, *RUN, "--block-epochs", "2", "--block-lr", "1e-4")
+    for name, device in (("cpu", "cpu"), ("gpu", "cuda"), ("gpu2", "cuda")):
+        cli(*args, "--device", device, "--out", tmp_path / name)
+    assert tree_bytes(tmp_path / "gpu") == tree_bytes(tmp_path / "gpu2")
+    (cfg_c, cpu), (cfg_g, gpu) = read_checkpoint(tmp_path / "cpu"), read_checkpoint(tmp_path / "gpu")
+    assert cfg_g["torch_device"] == "cuda"
+    for name in cpu:
+        np.testing.assert_allclose(cfg_g["layers"][name]["loss"], cfg_c["layers"][name]["loss"], rtol=1e-3)
+        assert np.mean(gpu[name].codes() != cpu[name].codes()) < 0.01, name
+    ev = [json.loads(cli("eval", llama, "--quantized", tmp_path / n, "--text", text, "--seqlen", "32", "--max-tokens",
+                         "256", "--json", "--device", d).stdout.strip().splitlines()[-1])
+          for n, d in (("cpu", "cpu"), ("gpu", "cuda"))]
+    assert ev[1]["device"] == "cuda" and np.isclose(ev[0]["perplexity"], ev[1]["perplexity"], rtol=1e-3)

@@ -92,7 +92,7 @@ def train_block(block: nn.Module, quant: dict[str, tuple], X: torch.Tensor, Y: t
         module = block.get_submodule(name)
         if is_conv1d(module):
             raise ValueError("--block-epochs: the block-wise stage supports nn.Linear blocks only; pass --block-epochs 0")
-        originals[name] = _swap(block, name, QuantLinear(q, s, z, module.bias, branch))
+        originals[name] = _swap(block, name, QuantLinear(q, s, z, module.bias, branch).to(module.weight.device))
     norms = norm_parameters(block)
     norm_start = [p.detach().clone() for p in norms]
     params = [p for n in quant for p in (block.get_submodule(n).scale, block.get_submodule(n).zero)] + norms
@@ -115,8 +115,10 @@ def train_block(block: nn.Module, quant: dict[str, tuple], X: torch.Tensor, Y: t
                 steps += 1
         after = block_mse(block, X, Y, kwargs)
         keep = after < before
-        scales = {n: (block.get_submodule(n).scale.detach().numpy().copy() if keep else quant[n][1]) for n in quant}
-        zeros = {n: (block.get_submodule(n).zero.detach().numpy().copy() if keep else quant[n][2]) for n in quant}
+        scales = {n: (block.get_submodule(n).scale.detach().cpu().numpy().copy() if keep else quant[n][1])
+                  for n in quant}
+        zeros = {n: (block.get_submodule(n).zero.detach().cpu().numpy().copy() if keep else quant[n][2])
+                 for n in quant}
         if not keep:
             with torch.no_grad():
                 for p, p0 in zip(norms, norm_start):

@@ -42,18 +42,23 @@ class HessianHooks:
 
     def hessians(self) -> dict[str, np.ndarray]:
         """H = XᵀX / N for every layer that saw input."""
-        return {n: (s / self.tokens[n]).numpy() for n, s in self.sums.items()}
+        return {n: (s / self.tokens[n]).cpu().numpy() for n, s in self.sums.items()}
 
     def remove(self) -> None:
         for h in self.handles:
             h.remove()
 
 
+def model_device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
 def run_windows(model: nn.Module, windows: np.ndarray, description: str) -> None:
     """Forward every window through the model (no grad), one at a time."""
+    device = model_device(model)
     with torch.inference_mode(), progress_bar(description, len(windows)) as advance:
         for w in windows:
-            model(input_ids=torch.from_numpy(w)[None])
+            model(input_ids=torch.from_numpy(w)[None].to(device))
             advance()
 
 

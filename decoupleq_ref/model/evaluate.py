@@ -18,7 +18,8 @@ from .progress import progress_bar
 
 def window_log_probs(model: nn.Module, window: np.ndarray) -> torch.Tensor:
     """log p(· | x_<t) for t = 1 … seqlen−1, shape (seqlen − 1, vocab), float32."""
-    logits = model(input_ids=torch.from_numpy(window)[None], use_cache=False).logits[0, :-1]
+    device = next(model.parameters()).device
+    logits = model(input_ids=torch.from_numpy(window)[None].to(device), use_cache=False).logits[0, :-1]
     return F.log_softmax(logits.float(), dim=-1)
 
 
@@ -31,10 +32,10 @@ def evaluate(model: nn.Module, windows: np.ndarray, reference: nn.Module | None 
     with torch.inference_mode(), progress_bar("eval", len(windows)) as advance:
         for w in windows:
             logp = window_log_probs(model, w)
-            target = torch.from_numpy(w[1:])
+            target = torch.from_numpy(w[1:]).to(logp.device)
             nll += float(F.nll_loss(logp, target, reduction="sum").double())
             if reference is not None:
-                ref = window_log_probs(reference, w)
+                ref = window_log_probs(reference, w).to(logp.device)
                 kl += float((ref.exp() * (ref - logp)).sum().double())
                 ref_nll += float(F.nll_loss(ref, target, reduction="sum").double())
             tokens += len(target)

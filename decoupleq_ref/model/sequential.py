@@ -24,7 +24,7 @@ from ..backends import Solver
 from ..config import QuantConfig
 from ..objective import layer_loss
 from .blockwise import call_block, norm_parameters, train_block
-from .calibrate import HessianHooks, StopForward
+from .calibrate import HessianHooks, StopForward, model_device
 from .checkpoint import CheckpointWriter, dequantized_weight, packed_layer, stored_layer
 from .progress import log, progress_bar
 from .torch_model import find_linears, layer_matrix, set_layer_matrix
@@ -52,11 +52,12 @@ def block_inputs(model: nn.Module, windows: np.ndarray) -> tuple[torch.Tensor, d
         raise StopForward
 
     handle = decoder_blocks(model)[0].register_forward_pre_hook(grab, with_kwargs=True)
+    device = model_device(model)
     try:
         with torch.no_grad():
             for w in windows:
                 try:
-                    model(input_ids=torch.from_numpy(w)[None], use_cache=False)
+                    model(input_ids=torch.from_numpy(w)[None].to(device), use_cache=False)
                 except StopForward:
                     pass
     finally:
@@ -144,7 +145,7 @@ def quantize_block(block: nn.Module, prefix: str, X: torch.Tensor, kwargs: dict,
     norms = {}
     for key, p in block.named_parameters():
         if any(p is q for q in norm_parameters(block)):
-            norms[prefix + key] = p.detach().numpy().copy()
+            norms[prefix + key] = p.detach().cpu().numpy().copy()
     tensors.update(norms)
     return tensors, {"layers": layers, "norms": sorted(norms), "blockwise": stage}
 
@@ -157,7 +158,7 @@ def unique_state(model: nn.Module, skip: set[str]) -> dict[str, np.ndarray]:
         if k in skip or v.data_ptr() in seen:
             continue
         seen.add(v.data_ptr())
-        out[k] = v.detach().numpy().copy()
+        out[k] = v.detach().cpu().numpy().copy()
     return out
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Callable
 
 import numpy as np
@@ -38,12 +39,52 @@ def model_class(source: ModelSource) -> type:
     return cls if cls is not None else transformers.AutoModel
 
 
-def load_model(source: ModelSource, causal: bool = False) -> tuple[nn.Module, object]:
-    """(float32 model in eval mode, tokenizer), as the class it was saved as. ``causal``: the
-    command needs next-token logits (eval, run); other architectures get a clear error."""
+DEVICES = ("auto", "cpu", "cuda", "cuda:N")
+
+
+def torch_device(name: str = "auto") -> torch.device:
+    """The torch device of ``--device``: ``auto`` is the first CUDA GPU when torch sees one, else
+    the CPU. Only where the model runs (forward passes, H sums, the block-wise stage); the layer
+    solver's backend is chosen separately (--backend)."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise ValueError(f"--device: {name!r} is not a device; choose one of {', '.join(DEVICES)}") from None
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device: {name!r} is not supported; choose one of {', '.join(DEVICES)}")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            build = "a CPU-only torch build" if torch.version.cuda is None else "no visible CUDA GPU"
+            raise ValueError(f"--device: {name!r} asked for, but torch sees no GPU ({build}); "
+                             "pass --device cpu (or auto)")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"--device: {name!r}, but torch sees {torch.cuda.device_count()} GPU(s); "
+                             "pass cuda:0 ... or auto")
+    return device
+
+
+def deterministic_on(device: torch.device) -> None:
+    """Same inputs and settings → the same bits on a GPU as well: block-wise gradients feed the
+    next block's H and so its integers. cuBLAS gets a fixed workspace (read when its first handle
+    is made: call before any CUDA work) and torch deterministic kernels only, so an op without
+    one raises instead of drifting from run to run."""
+    if device.type == "cuda":
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+
+
+def load_model(source: ModelSource, causal: bool = False, device: torch.device | str = "cpu"
+               ) -> tuple[nn.Module, object]:
+    """(float32 model in eval mode on ``device``, tokenizer), as the class it was saved as.
+    ``causal``: the command needs next-token logits (eval, run); other architectures get a
+    clear error."""
     from transformers import AutoTokenizer
 
     quiet_transformers()
+    device = torch.device(device)
+    deterministic_on(device)
     kw = {"gguf_file": source.gguf_file} if source.is_gguf else {}
     cls = model_class(source)
     try:
@@ -59,7 +100,7 @@ def load_model(source: ModelSource, causal: bool = False) -> tuple[nn.Module, ob
     if causal and model.get_output_embeddings() is None:
         raise ValueError(f"MODEL: {source.describe()} is a {type(model).__name__}, not a causal language "
                          "model; this command needs next-token logits (calibrate + quantize work for it)")
-    return model.eval(), tokenizer
+    return model.to(device).eval(), tokenizer
 
 
 def is_conv1d(module: nn.Module) -> bool:
@@ -81,7 +122,7 @@ def find_linears(model: nn.Module, prefix: str = "") -> dict[str, nn.Module]:
 
 def layer_matrix(module: nn.Module) -> np.ndarray:
     """W (out, in) in float64, whatever the module's storage orientation."""
-    w = module.weight.detach().to(torch.float64)
+    w = module.weight.detach().to("cpu", torch.float64)
     return (w.T if is_conv1d(module) else w).numpy().copy()
 
 
@@ -118,10 +159,10 @@ class PackedLinear(nn.Module):
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        flat = x.detach().reshape(-1, x.shape[-1]).to(torch.float32).numpy()
-        y = torch.from_numpy(np.asarray(self.matmul(flat, self.layer), dtype=np.float32))
+        flat = x.detach().reshape(-1, x.shape[-1]).to("cpu", torch.float32).numpy()
+        y = torch.from_numpy(np.asarray(self.matmul(flat, self.layer), dtype=np.float32)).to(x.device)
         y = y.reshape(*x.shape[:-1], y.shape[-1])
-        return (y if self.bias is None else y + self.bias).to(x.dtype)
+        return (y if self.bias is None else y + self.bias.to(x.device)).to(x.dtype)
 
 
 def packed_kernel() -> Callable:
