@@ -28,13 +28,12 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from decoupleq_ref.backends import default_backend  # noqa: E402
-from decoupleq_ref.model.checkpoint import read_checkpoint  # noqa: E402
+from validate.compare import compare_checkpoints  # noqa: E402
 
 
 def cli(*args, capture: bool = False) -> tuple[float, str]:
@@ -54,21 +53,6 @@ def user_text(path: Path) -> Path:
     docs = [ROOT / "README.md", ROOT / "BENCHMARKS.md", *sorted((ROOT / "docs").glob("*.md"))]
     path.write_text("\n\n".join(p.read_text(encoding="utf-8") for p in docs if p.exists()), encoding="utf-8")
     return path
-
-
-def compare(a: Path, b: Path) -> dict:
-    """Per-layer agreement of two checkpoints of the same model and settings."""
-    cfg_a, layers_a = read_checkpoint(a)
-    cfg_b, layers_b = read_checkpoint(b)
-    rows = {}
-    for name, la in layers_a.items():
-        lb = layers_b[name]
-        rows[name] = {"codes_equal": float(np.mean(la.codes() == lb.codes())),
-                      "loss_ratio": cfg_a["layers"][name]["loss"] / max(cfg_b["layers"][name]["loss"], 1e-300)}
-    return {"backend_a": cfg_a["backend"], "backend_b": cfg_b["backend"], "layers": rows,
-            "codes_equal_min": min(r["codes_equal"] for r in rows.values()),
-            "loss_ratio_max": max(r["loss_ratio"] for r in rows.values()),
-            "loss_ratio_min": min(r["loss_ratio"] for r in rows.values())}
 
 
 def main() -> int:
@@ -107,9 +91,10 @@ def main() -> int:
                          "--out", out / f"q_{backend}", "--overwrite")
         summary[f"quantize_{backend}_s"] = seconds
         print(f"quantize --backend {backend}: {seconds:.1f} s (compilation included)", flush=True)
-    summary[f"{test}_vs_{base}"] = cmp = compare(out / f"q_{test}", out / f"q_{base}")
-    print(f"{test} vs {base} checkpoint, {len(cmp['layers'])} layers: codes equal >= {cmp['codes_equal_min']:.4f}, "
-          f"loss ratio {cmp['loss_ratio_min']:.6f}..{cmp['loss_ratio_max']:.6f}", flush=True)
+    cmp = compare_checkpoints(out / f"q_{test}", out / f"q_{base}")
+    summary[f"{test}_vs_{base}"] = cmp.as_dict()
+    print(f"{test} vs {base} checkpoint, {len(cmp.codes_equal)} layers: codes equal >= {cmp.codes_equal_min:.4f}, "
+          f"loss ratio {cmp.loss_ratio_min:.6f}..{cmp.loss_ratio_max:.6f}", flush=True)
     evals = {"fp": []} | {f"q_{b}": ["--quantized", out / f"q_{b}"] for b in (test, base)}
     if not args.skip_run:
         seconds, _ = cli("run", model, "--text", text, *window, *setting, "--backend", test,
@@ -123,7 +108,7 @@ def main() -> int:
         print(f"eval {name}: perplexity {r['perplexity']:.3f}" + (f", KL {r['kl']:.4f}" if r.get("kl") else ""),
               flush=True)
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
-    ok = cmp["loss_ratio_max"] <= 1.001
+    ok = cmp.loss_ratio_max <= 1.001
     print("PASS" if ok else f"FAIL: a {test} layer loss is above 1.001x the {base} one", flush=True)
     return 0 if ok else 1
 

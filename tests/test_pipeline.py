@@ -237,6 +237,27 @@ def test_cuda_backend_without_a_gpu_is_a_clear_error(tiny, text, tmp_path):
     assert "--backend numpy" in flat(res.output) and not (tmp_path / "q").exists()
 
 
+def test_compare_checkpoints(tiny, text, tmp_path):
+    """validate.compare_checkpoints: a repeated quantize agrees with itself exactly; gptq against
+    decoupleq differs in codes, with the loss ratio read from the two configs; checkpoints of
+    another bit width are refused, not compared."""
+    from validate.compare import compare_checkpoints
+
+    stats = calibrate(tiny["llama"], text, tmp_path / "stats")
+    for name, extra in (("a", ()), ("a2", ()), ("gptq", ("--method", "gptq")), ("w3", ("--bits", "3"))):
+        quantize(tiny["llama"], stats, tmp_path / name, *extra)
+    same = compare_checkpoints(tmp_path / "a", tmp_path / "a2")
+    assert same.codes_equal_min == 1.0 and same.loss_ratio_min == same.loss_ratio_max == 1.0
+    other = compare_checkpoints(tmp_path / "gptq", tmp_path / "a")
+    cfg_g, cfg_a = read_checkpoint(tmp_path / "gptq")[0], read_checkpoint(tmp_path / "a")[0]
+    assert len(other.codes_equal) == 14 and other.codes_equal_min < 1.0
+    for name, ratio in other.loss_ratio.items():
+        assert ratio == cfg_g["layers"][name]["loss"] / cfg_a["layers"][name]["loss"]
+    assert other.as_dict()["loss_ratio_max"] == max(other.loss_ratio.values())
+    with pytest.raises(ValueError, match="differ in setting"):
+        compare_checkpoints(tmp_path / "w3", tmp_path / "a")
+
+
 def test_stats_from_another_model_are_refused(tiny, text, tmp_path):
     calibrate(tiny["gpt2"], text, tmp_path / "stats")
     res = cli("quantize", tiny["llama"], "--stats", tmp_path / "stats", "--out", tmp_path / "q", ok=False)

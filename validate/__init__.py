@@ -4,6 +4,7 @@
     check_result(W, H, result, cfg).raise_if_failed()      # one layer's (q, scale, zero) [+ branch]
     run_suite("mypkg.quant:fn", "default").table()         # the conformance suite
     compare("reference", "numba", "default").ok            # two backends agree
+    compare_checkpoints("q_cuda", "q_numba").loss_ratio_max  # two checkpoints, layer by layer
     check_kernel(my_matmul).defects                        # a packed kernel, with named layout mistakes
     validate_checkpoint("ckpt_dir").ok                     # every packed layer vs its fake-quant weights
     check_q4_1(result, q, d, m).ok                         # W4 g32 on a Q4_1-rounded weight: llama.cpp's integers
@@ -16,7 +17,7 @@ are imported where used.
 import importlib
 from typing import Any
 
-_EXPORTS = {"Policy": "check", "check_q4_1": "ggml_q4_1", "check_result": "check", "validate_checkpoint": "checkpoint", "compare": "compare",
+_EXPORTS = {"Policy": "check", "check_q4_1": "ggml_q4_1", "check_result": "check", "validate_checkpoint": "checkpoint", "compare": "compare", "compare_checkpoints": "compare",
             "load_suite": "conformance", "run_suite": "conformance", "check_kernel": "kernel",
             "Finding": "report", "Report": "report"}
 __all__ = sorted(_EXPORTS)

@@ -260,3 +260,54 @@ def compare(backend_a: str | Solver, backend_b: str | Solver, cases: Any = "defa
     solve_a, solve_b = get_backend(backend_a), get_backend(backend_b)
     rows = [compare_one(n, W, H, cfg, solve_a, solve_b, tol) for n, W, H, cfg in _iter_cases(cases)]
     return Comparison(_name(backend_a), _name(backend_b), tol, rows)
+
+
+@dataclass
+class CheckpointAgreement:
+    """Layer by layer agreement of two checkpoints of one model and setting (A = the one under
+    test, B = the one it is held against): fraction of equal codes and loss ratio A/B, each
+    layer's loss as stored in its checkpoint (re-measured on the layer's own H after the cast)."""
+
+    backend_a: str
+    backend_b: str
+    codes_equal: dict[str, float]
+    loss_ratio: dict[str, float]
+
+    @property
+    def codes_equal_min(self) -> float:
+        return min(self.codes_equal.values())
+
+    @property
+    def loss_ratio_min(self) -> float:
+        return min(self.loss_ratio.values())
+
+    @property
+    def loss_ratio_max(self) -> float:
+        return max(self.loss_ratio.values())
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"backend_a": self.backend_a, "backend_b": self.backend_b,
+                "layers": {n: {"codes_equal": self.codes_equal[n], "loss_ratio": self.loss_ratio[n]}
+                           for n in self.codes_equal},
+                "codes_equal_min": self.codes_equal_min, "loss_ratio_min": self.loss_ratio_min,
+                "loss_ratio_max": self.loss_ratio_max}
+
+
+def compare_checkpoints(a: Any, b: Any) -> CheckpointAgreement:
+    """Agreement of checkpoint folders ``a`` and ``b`` (decoupleq quantize/run output). ValueError
+    when they do not hold the same layers with the same shapes and setting: then nothing compares."""
+    from decoupleq_ref.model.checkpoint import read_checkpoint
+
+    (cfg_a, layers_a), (cfg_b, layers_b) = read_checkpoint(a), read_checkpoint(b)
+    setting = ("bits", "group_size")
+    if any(cfg_a[k] != cfg_b[k] for k in setting) or set(layers_a) != set(layers_b):
+        raise ValueError(f"compare_checkpoints: {a} and {b} differ in setting or layers; compare checkpoints of "
+                         "one model at one bits / group size")
+    codes, ratio = {}, {}
+    for name, la in layers_a.items():
+        ca, cb = la.codes(), layers_b[name].codes()
+        if ca.shape != cb.shape:
+            raise ValueError(f"compare_checkpoints: layer {name} is {ca.shape} in {a} but {cb.shape} in {b}")
+        codes[name] = float(np.mean(ca == cb))
+        ratio[name] = cfg_a["layers"][name]["loss"] / max(cfg_b["layers"][name]["loss"], 1e-300)
+    return CheckpointAgreement(cfg_a["backend"], cfg_b["backend"], codes, ratio)
