@@ -8,7 +8,7 @@ from torch import nn
 
 from .progress import progress_bar
 from .stats import CalibrationStats
-from .torch_model import find_linears, is_conv1d
+from .torch_model import find_linears, is_conv1d, model_device
 
 
 class StopForward(Exception):
@@ -47,10 +47,6 @@ class HessianHooks:
     def remove(self) -> None:
         for h in self.handles:
             h.remove()
-
-
-def model_device(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
 
 
 def run_windows(model: nn.Module, windows: np.ndarray, description: str) -> None:

@@ -14,12 +14,12 @@ from torch import nn
 from torch.nn import functional as F
 
 from .progress import progress_bar
+from .torch_model import model_device
 
 
 def window_log_probs(model: nn.Module, window: np.ndarray) -> torch.Tensor:
     """log p(· | x_<t) for t = 1 … seqlen−1, shape (seqlen − 1, vocab), float32."""
-    device = next(model.parameters()).device
-    logits = model(input_ids=torch.from_numpy(window)[None].to(device), use_cache=False).logits[0, :-1]
+    logits = model(input_ids=torch.from_numpy(window)[None].to(model_device(model)), use_cache=False).logits[0, :-1]
     return F.log_softmax(logits.float(), dim=-1)
 
 

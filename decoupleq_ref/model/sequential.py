@@ -24,10 +24,10 @@ from ..backends import Solver
 from ..config import QuantConfig
 from ..objective import layer_loss
 from .blockwise import call_block, norm_parameters, train_block
-from .calibrate import HessianHooks, StopForward, model_device
+from .calibrate import HessianHooks, StopForward
 from .checkpoint import CheckpointWriter, dequantized_weight, packed_layer, stored_layer
 from .progress import log, progress_bar
-from .torch_model import find_linears, layer_matrix, set_layer_matrix
+from .torch_model import find_linears, layer_matrix, model_device, set_layer_matrix
 
 #: Official true-sequential order within a Llama block; names not listed form a last group.
 LLAMA_GROUPS = (("self_attn.k_proj", "self_attn.v_proj", "self_attn.q_proj"), ("self_attn.o_proj",),

@@ -75,6 +75,11 @@ def deterministic_on(device: torch.device) -> None:
         torch.use_deterministic_algorithms(True)
 
 
+def model_device(model: nn.Module) -> torch.device:
+    """Where the model's weights are: its inputs go there."""
+    return next(model.parameters()).device
+
+
 def load_model(source: ModelSource, causal: bool = False, device: torch.device | str = "cpu"
                ) -> tuple[nn.Module, object]:
     """(float32 model in eval mode on ``device``, tokenizer), as the class it was saved as.
