@@ -48,6 +48,16 @@ def friendly_errors(command: Callable) -> Callable:
                 if e.errno == errno.ENOSPC else ""
             typer.echo(f"error: {e}{hint}", err=True)
             raise typer.Exit(1) from None
+        except (MemoryError, RuntimeError) as e:
+            # torch.cuda.OutOfMemoryError is a RuntimeError; matched by name so this module needs no torch
+            if not (isinstance(e, MemoryError) or type(e).__name__ == "OutOfMemoryError"):
+                raise
+            where = "GPU" if type(e).__name__ == "OutOfMemoryError" else "host"
+            first = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+            typer.echo(f"error: out of {where} memory ({first}); pass fewer --nsamples or a shorter --seqlen "
+                       "(or --device cpu when the GPU's memory is short); finished layers and blocks are kept "
+                       "and the same command resumes", err=True)
+            raise typer.Exit(1) from None
     return wrapper
 
 

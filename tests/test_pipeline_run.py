@@ -153,3 +153,34 @@ def test_run_on_a_gpu_matches_the_cpu(llama, text, tmp_path):
                          "256", "--json", "--device", d).stdout.strip().splitlines()[-1])
           for n, d in (("cpu", "cpu"), ("gpu", "cuda"))]
     assert ev[1]["device"] == "cuda" and np.isclose(ev[0]["perplexity"], ev[1]["perplexity"], rtol=1e-3)
+
+
+def test_out_of_memory_is_a_clear_error_and_resumable(llama, text, tmp_path, monkeypatch):
+    """GPU (torch.cuda.OutOfMemoryError, matched by name) or host memory running out in block 1 →
+    exit 1 with a hint, block 0 kept, no finished checkpoint; the same command then completes.
+    Any other RuntimeError is a bug and is not dressed up."""
+    import decoupleq_ref.model.sequential as seq
+
+    class OutOfMemoryError(RuntimeError):
+        pass
+
+    real = seq.train_block
+    args = ("run", llama, "--text", text, *RUN, "--block-epochs", "1", "--block-lr", "1e-4", "--out", tmp_path / "q")
+    for error, shown in ((OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"), "out of GPU memory"),
+                         (MemoryError(), "out of host memory")):
+        def failing(*a, error=error, **kw):
+            if a[-1] == 1:  # seed + block index: block 1
+                raise error
+            return real(*a, **kw)
+
+        monkeypatch.setattr(seq, "train_block", failing)
+        res = cli(*args, ok=False)
+        assert res.exit_code == 1 and shown in flat(res.output) and "--nsamples" in flat(res.output), res.output
+        assert not (tmp_path / "q" / CONFIG_NAME).exists()
+        assert [p.name for p in (tmp_path / "q" / PARTIAL).glob("*.safetensors")] == ["block.0000.safetensors"]
+    monkeypatch.setattr(seq, "train_block", lambda *a, **kw: (_ for _ in ()).throw(RuntimeError("a bug")))
+    with pytest.raises(RuntimeError, match="a bug"):
+        runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
+    monkeypatch.setattr(seq, "train_block", real)
+    cli(*args)
+    assert read_checkpoint(tmp_path / "q")[0]["command"] == "run"
