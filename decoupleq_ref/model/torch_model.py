@@ -84,7 +84,8 @@ def load_model(source: ModelSource, causal: bool = False, device: torch.device |
                ) -> tuple[nn.Module, object]:
     """(float32 model in eval mode on ``device``, tokenizer), as the class it was saved as.
     ``causal``: the command needs next-token logits (eval, run); other architectures get a
-    clear error."""
+    clear error. On a CUDA device this switches torch to deterministic kernels for the whole
+    process (deterministic_on)."""
     from transformers import AutoTokenizer
 
     quiet_transformers()
