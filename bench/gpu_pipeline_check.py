@@ -91,8 +91,8 @@ def main() -> int:
                          "--out", out / f"q_{backend}", "--overwrite")
         summary[f"quantize_{backend}_s"] = seconds
         print(f"quantize --backend {backend}: {seconds:.1f} s (compilation included)", flush=True)
-    cmp = compare_checkpoints(out / f"q_{test}", out / f"q_{base}")
-    summary[f"{test}_vs_{base}"] = cmp.as_dict()
+    cmp = compare_checkpoints(out / f"q_{base}", out / f"q_{test}")  # loss ratio test / base
+    summary[f"{test}_vs_{base}"] = cmp.to_dict()
     print(f"{test} vs {base} checkpoint, {len(cmp.codes_equal)} layers: codes equal >= {cmp.codes_equal_min:.4f}, "
           f"loss ratio {cmp.loss_ratio_min:.6f}..{cmp.loss_ratio_max:.6f}", flush=True)
     evals = {"fp": []} | {f"q_{b}": ["--quantized", out / f"q_{b}"] for b in (test, base)}

@@ -238,9 +238,9 @@ def test_cuda_backend_without_a_gpu_is_a_clear_error(tiny, text, tmp_path):
 
 
 def test_compare_checkpoints(tiny, text, tmp_path):
-    """validate.compare_checkpoints: a repeated quantize agrees with itself exactly; gptq against
-    decoupleq differs in codes, with the loss ratio read from the two configs; checkpoints of
-    another bit width are refused, not compared."""
+    """validate.compare_checkpoints: a repeated quantize agrees with itself exactly; gptq (B)
+    against decoupleq (A) differs in codes, with the loss ratio B/A (as in `compare`) read from
+    the two configs; checkpoints of another bit width are refused, not compared."""
     from validate.compare import compare_checkpoints
 
     stats = calibrate(tiny["llama"], text, tmp_path / "stats")
@@ -248,14 +248,14 @@ def test_compare_checkpoints(tiny, text, tmp_path):
         quantize(tiny["llama"], stats, tmp_path / name, *extra)
     same = compare_checkpoints(tmp_path / "a", tmp_path / "a2")
     assert same.codes_equal_min == 1.0 and same.loss_ratio_min == same.loss_ratio_max == 1.0
-    other = compare_checkpoints(tmp_path / "gptq", tmp_path / "a")
+    other = compare_checkpoints(tmp_path / "a", tmp_path / "gptq")
     cfg_g, cfg_a = read_checkpoint(tmp_path / "gptq")[0], read_checkpoint(tmp_path / "a")[0]
     assert len(other.codes_equal) == 14 and other.codes_equal_min < 1.0
     for name, ratio in other.loss_ratio.items():
         assert ratio == cfg_g["layers"][name]["loss"] / cfg_a["layers"][name]["loss"]
-    assert other.as_dict()["loss_ratio_max"] == max(other.loss_ratio.values())
+    assert other.to_dict()["loss_ratio_max"] == max(other.loss_ratio.values())
     with pytest.raises(ValueError, match="differ in setting"):
-        compare_checkpoints(tmp_path / "w3", tmp_path / "a")
+        compare_checkpoints(tmp_path / "a", tmp_path / "w3")
 
 
 def test_stats_from_another_model_are_refused(tiny, text, tmp_path):

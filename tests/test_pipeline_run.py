@@ -147,7 +147,7 @@ def test_run_on_a_gpu_matches_the_cpu(llama, text, tmp_path):
 
     assert tree_bytes(tmp_path / "gpu") == tree_bytes(tmp_path / "gpu2")
     assert read_checkpoint(tmp_path / "gpu")[0]["torch_device"] == "cuda"
-    agree = compare_checkpoints(tmp_path / "gpu", tmp_path / "cpu")
+    agree = compare_checkpoints(tmp_path / "cpu", tmp_path / "gpu")
     assert agree.codes_equal_min > 0.99 and 1 - 1e-3 < agree.loss_ratio_min <= agree.loss_ratio_max < 1 + 1e-3
     ev = [json.loads(cli("eval", llama, "--quantized", tmp_path / n, "--text", text, "--seqlen", "32", "--max-tokens",
                          "256", "--json", "--device", d).stdout.strip().splitlines()[-1])

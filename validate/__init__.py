@@ -4,7 +4,7 @@
     check_result(W, H, result, cfg).raise_if_failed()      # one layer's (q, scale, zero) [+ branch]
     run_suite("mypkg.quant:fn", "default").table()         # the conformance suite
     compare("reference", "numba", "default").ok            # two backends agree
-    compare_checkpoints("q_cuda", "q_numba").loss_ratio_max  # two checkpoints, layer by layer
+    compare_checkpoints("q_numba", "q_cuda").loss_ratio_max  # two checkpoints, layer by layer
     check_kernel(my_matmul).defects                        # a packed kernel, with named layout mistakes
     validate_checkpoint("ckpt_dir").ok                     # every packed layer vs its fake-quant weights
     check_q4_1(result, q, d, m).ok                         # W4 g32 on a Q4_1-rounded weight: llama.cpp's integers

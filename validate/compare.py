@@ -264,9 +264,10 @@ def compare(backend_a: str | Solver, backend_b: str | Solver, cases: Any = "defa
 
 @dataclass
 class CheckpointAgreement:
-    """Layer by layer agreement of two checkpoints of one model and setting (A = the one under
-    test, B = the one it is held against): fraction of equal codes and loss ratio A/B, each
-    layer's loss as stored in its checkpoint (re-measured on the layer's own H after the cast)."""
+    """Layer by layer agreement of two checkpoints of one model and setting, in ``compare``'s
+    convention (A = the reference, B = the one under test): fraction of equal codes and loss
+    ratio B/A, each layer's loss as stored in its checkpoint (re-measured on the layer's own H
+    after the cast)."""
 
     backend_a: str
     backend_b: str
@@ -285,7 +286,7 @@ class CheckpointAgreement:
     def loss_ratio_max(self) -> float:
         return max(self.loss_ratio.values())
 
-    def as_dict(self) -> dict[str, Any]:
+    def to_dict(self) -> dict[str, Any]:
         return {"backend_a": self.backend_a, "backend_b": self.backend_b,
                 "layers": {n: {"codes_equal": self.codes_equal[n], "loss_ratio": self.loss_ratio[n]}
                            for n in self.codes_equal},
@@ -294,8 +295,9 @@ class CheckpointAgreement:
 
 
 def compare_checkpoints(a: Any, b: Any) -> CheckpointAgreement:
-    """Agreement of checkpoint folders ``a`` and ``b`` (decoupleq quantize/run output). ValueError
-    when they do not hold the same layers with the same shapes and setting: then nothing compares."""
+    """Agreement of checkpoint folders ``a`` (reference) and ``b`` (under test), decoupleq
+    quantize/run output. ValueError when they do not hold the same layers with the same shapes
+    and setting: then nothing compares."""
     from decoupleq_ref.model.checkpoint import read_checkpoint
 
     (cfg_a, layers_a), (cfg_b, layers_b) = read_checkpoint(a), read_checkpoint(b)
@@ -309,5 +311,5 @@ def compare_checkpoints(a: Any, b: Any) -> CheckpointAgreement:
         if ca.shape != cb.shape:
             raise ValueError(f"compare_checkpoints: layer {name} is {ca.shape} in {a} but {cb.shape} in {b}")
         codes[name] = float(np.mean(ca == cb))
-        ratio[name] = cfg_a["layers"][name]["loss"] / max(cfg_b["layers"][name]["loss"], 1e-300)
+        ratio[name] = cfg_b["layers"][name]["loss"] / max(cfg_a["layers"][name]["loss"], 1e-300)
     return CheckpointAgreement(cfg_a["backend"], cfg_b["backend"], codes, ratio)
