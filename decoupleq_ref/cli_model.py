@@ -50,9 +50,10 @@ def friendly_errors(command: Callable) -> Callable:
             raise typer.Exit(1) from None
         except (MemoryError, RuntimeError) as e:
             # torch.cuda.OutOfMemoryError is a RuntimeError; matched by name so this module needs no torch
-            if not (isinstance(e, MemoryError) or type(e).__name__ == "OutOfMemoryError"):
+            gpu = type(e).__name__ == "OutOfMemoryError"
+            if not (gpu or isinstance(e, MemoryError)):
                 raise
-            where = "GPU" if type(e).__name__ == "OutOfMemoryError" else "host"
+            where = "GPU" if gpu else "host"
             first = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
             typer.echo(f"error: out of {where} memory ({first}); pass fewer --nsamples or a shorter --seqlen "
                        "(or --device cpu when the GPU's memory is short); finished layers and blocks are kept "

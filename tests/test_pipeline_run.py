@@ -120,14 +120,13 @@ def test_device_option(llama, text, tmp_path):
     args = ("run", llama, "--text", text, *RUN, "--block-epochs", "1", "--block-lr", "1e-4")
     cli(*args, "--device", "cpu", "--out", tmp_path / "cpu")
     assert read_checkpoint(tmp_path / "cpu")[0]["torch_device"] == "cpu"
-    if not torch.cuda.is_available():
+    bad = [("tpu", "not a device"), ("meta", "not supported")]
+    if torch.cuda.is_available():
+        bad.append((f"cuda:{torch.cuda.device_count()}", "GPU(s)"))
+    else:
         cli(*args, "--out", tmp_path / "auto")
         assert tree_bytes(tmp_path / "auto") == tree_bytes(tmp_path / "cpu")
-    bad = [("tpu", "not a device"), ("meta", "not supported")]
-    if not torch.cuda.is_available():
         bad.append(("cuda", "torch sees no GPU"))
-    else:
-        bad.append((f"cuda:{torch.cuda.device_count()}", "GPU(s)"))
     for device, message in bad:
         for command in (("run", *args[1:], "--out", tmp_path / "bad"), ("eval", llama, "--text", text),
                         ("calibrate", llama, "--text", text, "--out", tmp_path / "bad")):

@@ -23,11 +23,11 @@ def _clock(seconds: float) -> str:
 @contextmanager
 def progress_bar(description: str, total: int) -> Iterator[Callable[..., None]]:
     """Yield ``advance(n=1, note="")``; shows done/total, elapsed time and ETA."""
-    columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-               TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), TextColumn("{task.fields[note]}"))
     if not CONSOLE.is_terminal:
         yield _plain_progress(description, total)
         return
+    columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+               TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), TextColumn("{task.fields[note]}"))
     with Progress(*columns, console=CONSOLE) as bar:
         task = bar.add_task(description, total=total, note="")
 
