@@ -18,7 +18,7 @@ import typer
 
 from .backends import BACKENDS, default_backend, get_solver
 from .cli import app
-from .config import METHODS, QuantConfig
+from .config import IMPROVED, METHODS, QuantConfig
 from .model.progress import log
 from .model.source import ModelSource, resolve_model
 
@@ -73,13 +73,25 @@ def solver_for(backend: Optional[str]):
     return get_solver(name), name
 
 
+SOLVERS = ("official", "improved")
+
+
+def solver_option() -> typer.Option:
+    return typer.Option("official", help="layer solver settings: official (the published run's) or improved "
+                        f"(adds {', '.join(f'{k}={v}' for k, v in IMPROVED.items())}: lower layer loss for several "
+                        "times the solve time; BENCHMARKS.md §2)")
+
+
 def quant_config(bits: int, group_size: int, method: str, iters: int, hp_channels: int = 0,
-                 hp_select: str = "hessian") -> QuantConfig:
+                 hp_select: str = "hessian", solver: str = "official") -> QuantConfig:
     if method not in METHODS:
         raise ValueError(f"--method: {method!r} is not one of {METHODS}")
+    if solver not in SOLVERS:
+        raise ValueError(f"--solver: {solver!r} is not one of {SOLVERS}")
+    preset = IMPROVED if solver == "improved" else {}
     try:
-        return QuantConfig(bits=bits, group_size=group_size, method=method, iters=iters,
-                           hp_channels=hp_channels, hp_select=hp_select)
+        return QuantConfig(**{**preset, "bits": bits, "group_size": group_size, "method": method, "iters": iters,
+                              "hp_channels": hp_channels, "hp_select": hp_select})
     except ValueError as e:  # "QuantConfig.group_size: ..." → name the option
         field = str(e).split(":")[0].removeprefix("QuantConfig.").replace("_", "-")
         raise ValueError(f"--{field}: {str(e).split(':', 1)[1].strip()}") from None
@@ -129,6 +141,7 @@ def quantize_cmd(
     iters: int = typer.Option(4, min=0, help="decoupleq alternations"),
     hp_channels: int = typer.Option(0, min=0, help="input channels per layer kept in an fp16 branch (0 = off)"),
     hp_select: str = typer.Option("hessian", help="how the fp16 branch picks its channels"),
+    solver: str = solver_option(),
     backend: Optional[str] = typer.Option(None, help=f"one of {', '.join(BACKENDS)}; default: fastest available"),
     out: Path = typer.Option(Path("qmodel"), help="checkpoint folder"),
     overwrite: bool = typer.Option(False, help="replace an existing --out instead of resuming"),
@@ -144,7 +157,7 @@ def quantize_cmd(
     from .model.stats import CalibrationStats
 
     source = model_source(model)
-    cfg = quant_config(bits, group_size, method, iters, hp_channels, hp_select)
+    cfg = quant_config(bits, group_size, method, iters, hp_channels, hp_select, solver)
     solve, backend_name = solver_for(backend)
     calib = CalibrationStats.load(stats)
     t0 = time.perf_counter()
@@ -199,6 +212,7 @@ def run_cmd(
     hp_channels: int = typer.Option(0, min=0, help="input channels per layer kept in an fp16 branch (0 = off; "
                                     "the block-wise stage keeps the branch frozen)"),
     hp_select: str = typer.Option("hessian", help="how the fp16 branch picks its channels"),
+    solver: str = solver_option(),
     backend: Optional[str] = typer.Option(None, help=f"one of {', '.join(BACKENDS)}"),
     block_epochs: int = typer.Option(4, help="block-wise stage epochs (0 = off)"),
     block_lr: float = typer.Option(1e-5, help="block-wise stage Adam learning rate (0 = off); 1e-5 is the "
@@ -209,7 +223,7 @@ def run_cmd(
     device: str = device_option(),
 ) -> None:
     """The full procedure block by block: true-sequential layer-wise solve + block-wise stage."""
-    cfg = quant_config(bits, group_size, method, iters, hp_channels, hp_select)
+    cfg = quant_config(bits, group_size, method, iters, hp_channels, hp_select, solver)
     t0 = time.perf_counter()
     config = run_pipeline(model_source(model), text, nsamples, seqlen, seed, cfg, backend, block_epochs,
                           block_lr, out, overwrite, device=device)

@@ -121,6 +121,24 @@ def test_fp16_branch_stored_and_reloaded(tiny, text, tmp_path):
     assert not np.allclose(plain, packed.dequantize())
 
 
+def test_improved_solver_option(tiny, text, tmp_path):
+    """--solver improved: the checkpoint records the preset and every layer's objective is at most
+    the official settings' (start 0 of the improved solve is the official path; the rest only descends)."""
+    from decoupleq_ref.config import IMPROVED
+
+    calibrate(tiny["llama"], text, tmp_path / "stats")
+    quantize(tiny["llama"], tmp_path / "stats", tmp_path / "official", "--bits", "2", "--group-size", "-1")
+    quantize(tiny["llama"], tmp_path / "stats", tmp_path / "improved", "--bits", "2", "--group-size", "-1",
+             "--solver", "improved")
+    official, improved = read_checkpoint(tmp_path / "official")[0], read_checkpoint(tmp_path / "improved")[0]
+    assert all(improved["solver"][k] == v for k, v in IMPROVED.items())
+    assert all(official["solver"][k] != v for k, v in IMPROVED.items())
+    gains = [improved["layers"][n]["objective"] / official["layers"][n]["objective"] for n in official["layers"]]
+    assert max(gains) <= 1 + 1e-9 and min(gains) < 1, gains
+    res = cli("quantize", tiny["llama"], "--stats", tmp_path / "stats", "--solver", "best", ok=False)
+    assert res.exit_code == 2 and "--solver" in flat(res.output)
+
+
 def test_quantize_never_imports_torch(tiny, text, tmp_path):
     """`decoupleq quantize` (HF safetensors directory) runs with torch absent from sys.modules."""
     calibrate(tiny["llama"], text, tmp_path / "stats")
