@@ -24,7 +24,8 @@ import math
 import time
 from pathlib import Path
 
-from decoupleq_ref.cli_model import DEFAULT_CALIB_TEXT, DEFAULT_EVAL_TEXT, SOLVERS, eval_pipeline, quant_config, run_pipeline
+from decoupleq_ref.cli_model import (DEFAULT_CALIB_TEXT, DEFAULT_EVAL_TEXT, SOLVERS, eval_pipeline, quant_config,
+                                    run_pipeline)
 from decoupleq_ref.model.atomic import write_json
 from decoupleq_ref.model.source import resolve_model
 
@@ -58,7 +59,8 @@ def one_run(source, args, bits: int, group_size: int, method: str) -> dict:
     stages = config.get("blockwise", [])
     improved = sum(1 for s in stages if s.get("kept") == "trained")
     return {"setting": setting_name(bits, group_size), "bits": bits, "group_size": group_size, "method": method,
-            "solver": args.solver, "perplexity": r["perplexity"], "kl": r["kl"], "tokens": r["tokens"], "seqlen": r["seqlen"],
+            "solver": args.solver, "perplexity": r["perplexity"], "kl": r["kl"], "tokens": r["tokens"],
+            "seqlen": r["seqlen"],
             "run_seconds": t_run, "eval_seconds": time.perf_counter() - t0 - t_run, "backend": config["backend"],
             "blocks_improved_by_bw": improved if epochs else None,
             "layer_loss_total": sum(v["loss"] for v in config["layers"].values())}
@@ -120,7 +122,8 @@ def main() -> None:
     p.add_argument("--block-epochs", type=int, default=2)
     p.add_argument("--block-lr", type=float, default=3e-4,
                    help="3e-4: the official 1e-5 is for 512 Adam steps; 16 windows x 2 epochs make 32 (§5)")
-    p.add_argument("--solver", default="official", choices=SOLVERS, help="layer solver settings (decoupleq run --solver)")
+    p.add_argument("--solver", default="official", choices=SOLVERS,
+                   help="layer solver settings (decoupleq run --solver)")
     p.add_argument("--backend", default=None)
     p.add_argument("--device", default="auto", help="torch device of the forward passes (decoupleq run --device)")
     p.add_argument("--workdir", type=Path, default=Path("/tmp/bench_pipeline"))

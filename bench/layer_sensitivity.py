@@ -38,7 +38,8 @@ def groups(names: list[str], span: int) -> dict[str, list[str]]:
     blocks = sorted({int(m.group(1)) for n in names if (m := BLOCK.search(n))})
     for start in range(0, len(blocks), span):
         part = set(blocks[start:start + span])
-        out[f"blocks {min(part)}-{max(part)}"] = [n for n in names if (m := BLOCK.search(n)) and int(m.group(1)) in part]
+        out[f"blocks {min(part)}-{max(part)}"] = [n for n in names
+                                                  if (m := BLOCK.search(n)) and int(m.group(1)) in part]
     return out
 
 
