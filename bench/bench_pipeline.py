@@ -50,7 +50,7 @@ def one_run(source, args, bits: int, group_size: int, method: str) -> dict:
     epochs = args.block_epochs if method == "decoupleq+bw" else 0
     suffix = "" if args.solver == "official" else f"_{args.solver}"
     out = args.workdir / f"w{bits}_g{group_size}_{method.replace('+', '_')}{suffix}"
-    cfg = quant_config(bits, group_size, solver_method, 4, solver=args.solver)
+    cfg = quant_config(bits, group_size, solver_method, solver=args.solver)
     t0 = time.perf_counter()
     config = run_pipeline(source, args.calib_text, args.nsamples, args.seqlen, 0, cfg, args.backend, epochs,
                           args.block_lr, out, overwrite=False, device=args.device)

@@ -82,16 +82,16 @@ def solver_option() -> typer.Option:
                         "times the solve time; BENCHMARKS.md §2)")
 
 
-def quant_config(bits: int, group_size: int, method: str, iters: int, hp_channels: int = 0,
+def quant_config(bits: int, group_size: int, method: str, iters: int = QuantConfig.iters, hp_channels: int = 0,
                  hp_select: str = "hessian", solver: str = "official") -> QuantConfig:
     if method not in METHODS:
         raise ValueError(f"--method: {method!r} is not one of {METHODS}")
     if solver not in SOLVERS:
         raise ValueError(f"--solver: {solver!r} is not one of {SOLVERS}")
-    preset = IMPROVED if solver == "improved" else {}
+    make = QuantConfig.improved if solver == "improved" else QuantConfig
     try:
-        return QuantConfig(**{**preset, "bits": bits, "group_size": group_size, "method": method, "iters": iters,
-                              "hp_channels": hp_channels, "hp_select": hp_select})
+        return make(bits=bits, group_size=group_size, method=method, iters=iters, hp_channels=hp_channels,
+                    hp_select=hp_select)
     except ValueError as e:  # "QuantConfig.group_size: ..." → name the option
         field = str(e).split(":")[0].removeprefix("QuantConfig.").replace("_", "-")
         raise ValueError(f"--{field}: {str(e).split(':', 1)[1].strip()}") from None
