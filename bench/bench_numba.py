@@ -31,6 +31,8 @@ import numpy as np
 
 import decoupleq_ref as dq
 import kernels_numba as kn
+from validate.compare import agreement
+from validate.policy import NUMBA
 
 REPO = Path(__file__).resolve().parent.parent
 LAYERS = REPO / ".cache" / "smollm2_layers"
@@ -79,8 +81,11 @@ def bench_solver(W, H, cfg, label, run_numpy: bool) -> None:
     row = f"| {label} | {W.shape[0]}×{W.shape[1]} | {cfg.group_size} | {t_nb:.1f} |"
     if run_numpy:
         ref, t_np = timed(dq.quantize_layer, W, H, cfg)
-        row += (f" {t_np:.1f} | **{t_np / t_nb:.1f}×** | {np.mean(ref.q == nb.q) * 100:.3f} % |"
+        agree = agreement(label, W, H, cfg, ref, nb, NUMBA)  # the bound tests/test_numba_backend.py holds
+        row += (f" {t_np:.1f} | **{t_np / t_nb:.1f}×** | {agree.agreement * 100:.3f} % |"
                 f" {abs(nb.loss - ref.loss) / ref.loss:.1e} |")
+        if not agree.ok:
+            row += f" DISAGREES: {agree.error or '; '.join(agree.problems)}"
     else:
         bound = numpy_lower_bound(W, H, cfg)
         row += f" ≥ {bound:.0f} (lower bound, not run) | ≥ {bound / t_nb:.1f}× | | |"

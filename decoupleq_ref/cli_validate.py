@@ -61,7 +61,7 @@ def validate_cmd(
 ) -> None:
     """Run an external decoupleQ implementation on the conformance suite; non-zero exit on failure."""
     from validate.adapters import load_impl, parse_convention
-    from validate.check import LEVELS
+    from validate.policy import LEVELS
     from validate.conformance import load_suite, run_suite
 
     if level not in LEVELS:

@@ -21,6 +21,8 @@ import decoupleq_ref as dq
 import kernels_numba as kn
 from decoupleq_ref.integer_step import gptq_factor
 from decoupleq_ref.objective import damp_hessian
+from validate.compare import assert_agree
+from validate.policy import NUMBA
 from validate.strategies import configs, layers, make_hessian
 
 pytestmark = pytest.mark.skipif(not kn.available(), reason="numba is not installed")
@@ -61,36 +63,11 @@ CONFIGS = {
 }
 
 
-def assert_agree(a: dq.QuantResult, b: dq.QuantResult, min_same: float = 0.999) -> None:
-    """Same shapes and dtypes, ≥ min_same of the codes equal outside float ties, losses within
-    1e-6 relative. A float tie is a row whose codes differ but whose loss is the same to 1e-9
-    relative (e.g. two codings of one Ŵ, q and q + 1 with z − s): the backend computes the
-    step losses by other formulas (kernels_numba._products), so it may break such a tie the
-    other way; the issue allows differences from float ties only, which is what this checks."""
-    for f in ("q", "scale", "zero", "row_loss"):
-        x, y = getattr(a, f), getattr(b, f)
-        assert x.shape == y.shape and x.dtype == y.dtype, f
-    tie = (a.q != b.q).any(axis=1) & np.isclose(a.row_loss, b.row_loss, rtol=1e-9, atol=1e-15)
-    assert tie.mean() <= 0.05, f"{tie.sum()} tied rows of {len(tie)}"
-    assert np.mean(a.q[~tie] == b.q[~tie]) >= min_same
-    for f in ("loss", "objective"):
-        x, y = getattr(a, f), getattr(b, f)
-        assert abs(x - y) <= 1e-6 * abs(x) + 1e-15, (f, x, y)
-    assert a.history_steps == b.history_steps
-    np.testing.assert_allclose(b.loss_history, a.loss_history, rtol=1e-6, atol=1e-15)
-    assert (a.hp_index is None) == (b.hp_index is None)
-    if a.hp_index is not None:
-        np.testing.assert_array_equal(a.hp_index, b.hp_index)
-        np.testing.assert_allclose(b.hp_weight, a.hp_weight, rtol=1e-6, atol=1e-9 * np.abs(a.hp_weight).max())
-    if a.lower_bound is not None:
-        assert b.lower_bound == pytest.approx(a.lower_bound, rel=1e-9)
-
-
 @pytest.mark.parametrize("name", sorted(CONFIGS))
 def test_quantize_layer_agrees_on_every_config(name):
     W, H = structured_layer("outlier_cols", seed=1)
     cfg = CONFIGS[name]
-    assert_agree(dq.quantize_layer(W, H, cfg), kn.quantize_layer(W, H, cfg))
+    assert_agree(W, H, cfg, dq.quantize_layer(W, H, cfg), kn.quantize_layer(W, H, cfg), NUMBA)
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -98,7 +75,7 @@ def test_quantize_layer_agrees_on_every_config(name):
 def test_quantize_layer_agrees_on_structured_layers(kind, group_size):
     W, H = structured_layer(kind, seed=2)
     cfg = dq.QuantConfig(group_size=group_size, refine_sweeps=2)
-    assert_agree(dq.quantize_layer(W, H, cfg), kn.quantize_layer(W, H, cfg))
+    assert_agree(W, H, cfg, dq.quantize_layer(W, H, cfg), kn.quantize_layer(W, H, cfg), NUMBA)
 
 
 @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])

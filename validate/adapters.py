@@ -36,6 +36,8 @@ from typing import Any, Callable, Iterable, Mapping
 
 import numpy as np
 
+from decoupleq_ref import quantize_layer
+from decoupleq_ref.backends import BACKENDS, backend_status, canonical_backend, get_solver
 from decoupleq_ref.config import QuantConfig
 from decoupleq_ref.format import dequantize_parts
 
@@ -180,8 +182,6 @@ def reference_impl(W: np.ndarray, H: np.ndarray, config: Mapping[str, Any]) -> d
     """The reference solver behind the external-implementation protocol: a correct wrapper.
 
     ``decoupleq validate --impl validate.adapters:reference_impl`` passes the whole suite."""
-    from decoupleq_ref import quantize_layer
-
     res = quantize_layer(W, H, QuantConfig.from_dict(dict(config)))
     return {"q": res.q, "scale": res.scale, "zero": res.zero, "loss": res.loss,
             "row_loss": res.row_loss, "objective": res.objective,
@@ -198,18 +198,18 @@ def solver_impl(solve: Callable[[np.ndarray, np.ndarray, QuantConfig], Any]) -> 
 
 def load_impl(spec: str) -> Impl:
     """Resolve ``package.module:function``, ``path/to/file.py:function`` or a backend name
-    (``reference``, ``numba``, ``cuda``: see validate.compare.BACKENDS) to a callable
+    (``numpy`` alias ``reference``, ``numba``, ``cuda``: decoupleq_ref.backends) to a callable
     ``fn(W, H, config: dict)``. Raises ValueError with a fix on failure."""
-    from .compare import BACKENDS, backend_status, get_backend
-
     if ":" not in spec:
-        if spec in BACKENDS or spec == "numpy":
-            ok, why = backend_status(spec)
-            if not ok:
-                raise ValueError(f"impl: backend {spec!r} is not available here: {why}")
-            return solver_impl(get_backend(spec))
-        raise ValueError(f"impl: {spec!r} is not 'package.module:function', 'file.py:function' "
-                         f"or a backend name {sorted(BACKENDS)}")
+        try:
+            name = canonical_backend(spec)
+        except ValueError:
+            raise ValueError(f"impl: {spec!r} is not 'package.module:function', 'file.py:function' "
+                             f"or a backend name {BACKENDS} (alias: reference)") from None
+        ok, why = backend_status(name)
+        if not ok:
+            raise ValueError(f"impl: backend {spec!r} is not available here: {why}")
+        return solver_impl(get_solver(name))
     mod_name, _, fn_name = spec.rpartition(":")
     try:
         if mod_name.endswith(".py"):
@@ -234,10 +234,3 @@ def load_impl(spec: str) -> Impl:
     if not callable(fn):
         raise ValueError(f"impl: {spec!r} is not callable")
     return fn
-
-
-def call_impl(fn: Impl, W: np.ndarray, H: np.ndarray, cfg: QuantConfig,
-              convention: str | Iterable[str] | None = None) -> dict[str, Any]:
-    """Run ``fn`` on copies of the inputs with ``cfg.to_dict()`` and convert its result."""
-    out = fn(np.array(W, dtype=np.float64), np.array(H, dtype=np.float64), cfg.to_dict())
-    return to_native(out, cfg, convention)

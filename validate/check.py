@@ -20,69 +20,24 @@ explains the failure as a hint ``defect.<name>``.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from typing import Any, Mapping
 
 import numpy as np
 
+from decoupleq_ref import quantize_layer
 from decoupleq_ref.checks import check_layer
 from decoupleq_ref.config import QuantConfig
 from decoupleq_ref.format import dequantize_parts, n_groups
 from decoupleq_ref.objective import damp_hessian, row_losses
 
 from .adapters import branch_of, result_mapping, to_native, w_hat
+from .exact import global_optimum
+from .policy import Policy
 from .report import FAIL, HINT, INFO, PASS, SKIP, Report, list_groups, list_rows, nonzero_rows
 
-#: Per-case limit of objective / reference objective − 1, by level. "quality" is loose per case
-#: (heuristics legitimately differ by 10-25 % on single tiny or degenerate layers) and strict on
-#: the suite's geometric mean (SUITE_LEVELS): docs/VALIDATION.md, "Tolerance policy".
-LEVELS: dict[str, float] = {"reference": 1e-6, "quality": 0.5}
-SUITE_LEVELS: dict[str, float] = {"reference": 1e-6, "quality": 0.05}
 DIAGNOSIS_RTOL = 0.05  # a repaired result "explains" a failure when within 5 % of the reference
 TINY_ENUMERATION = 1 << 16  # global optimum computed automatically when (2^b)^in ≤ this
-
-
-@dataclass(frozen=True)
-class Policy:
-    """Tolerances of every check (docs/VALIDATION.md, "Tolerance policy").
-
-    level          "reference" (rtol 1e-6 per case and over the suite: as good as the reference
-                   up to float64 noise) or "quality" (a legitimate variant, e.g. float32 or the
-                   official solver's decisions: ≤ 1.5× per case, geometric mean over a suite ≤ 1.05×)
-    reference_rtol overrides the level's per-case rtol when set
-    claimed_rtol   relative tolerance of claimed loss / row_loss / objective vs recomputed
-    optimum_rtol   how far below the global optimum a row may be (float noise of both sides)
-    energy_atol    absolute slack, as a fraction of the energy Σ_i W_i H_d W_iᵀ (the
-                   objective of Ŵ = 0): makes losses that should be 0 comparable
-    storage_ulps   slack for the precision of the returned scale/zero: a value rounded to the
-                   returned dtype moves the objective by ≤ 2·u·sqrt(objective·energy) (u the
-                   dtype's unit roundoff); this many u are allowed (float64: negligible)
-    symmetric_rtol relative tolerance of zero = −scale·2^(b−1) in symmetric mode
-    """
-
-    level: str = "quality"
-    reference_rtol: float | None = None
-    claimed_rtol: float = 1e-6
-    optimum_rtol: float = 1e-9
-    energy_atol: float = 1e-12
-    storage_ulps: float = 4.0
-    symmetric_rtol: float = 1e-6
-
-    def __post_init__(self) -> None:
-        if self.level not in LEVELS:
-            raise ValueError(f"level: {self.level!r} is not one of {sorted(LEVELS)}")
-
-    @property
-    def rtol(self) -> float:
-        return LEVELS[self.level] if self.reference_rtol is None else self.reference_rtol
-
-    @property
-    def suite_rtol(self) -> float:
-        """Limit of the geometric mean over a suite's cases of objective / reference − 1."""
-        return SUITE_LEVELS[self.level]
-
-    def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "rtol": self.rtol, "suite_rtol": self.suite_rtol}
 
 
 def as_config(cfg: QuantConfig | Mapping[str, Any] | None) -> QuantConfig:
@@ -391,10 +346,6 @@ def global_optimum_rows(W: np.ndarray, Hd: np.ndarray, cfg: QuantConfig) -> np.n
     if (cfg.group_size not in (-1, W.shape[1]) or (1 << cfg.bits) ** W.shape[1] > TINY_ENUMERATION
             or cfg.hp_channels):
         return None
-    try:
-        from .exact import global_optimum
-    except ImportError:
-        return None
     opt = global_optimum(W, Hd, cfg.bits, symmetric=cfg.symmetric)
     return optimum_row_objective(W, Hd, opt)
 
@@ -538,8 +489,6 @@ def check_result(
     ref_row_obj = None
     if reference is not False:
         if reference is None:
-            from decoupleq_ref import quantize_layer
-
             reference = quantize_layer(W, H, cfg)
         ref = to_native(reference, cfg)
         ref_row_obj = row_losses(W, w_hat(ref), Hd)

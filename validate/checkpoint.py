@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from decoupleq_ref.matmul import PackedLayer
+from decoupleq_ref.model.checkpoint import QUANT_SUFFIXES, packed_layer, read_checkpoint_tensors
 from decoupleq_ref.packing import pack
 
 from .report import list_rows
@@ -281,8 +282,6 @@ def check_official_pair(fake_path: str | Path, true_path: str | Path, bits: int 
 
 def _project_layer(name: str, tensors: dict[str, np.ndarray], info: dict, config: dict
                    ) -> tuple[LayerCheck, PackedLayer | None]:
-    from decoupleq_ref.model.checkpoint import packed_layer
-
     check = LayerCheck(name, tuple(info.get("shape", ())))
     try:
         layer = packed_layer(tensors, name, info, config["bits"], config["group_size"])
@@ -318,8 +317,6 @@ def _magnitude(layer: PackedLayer) -> np.ndarray:
 
 def check_project_checkpoint(folder: str | Path, fake: str | Path | None = None) -> CheckpointReport:
     """Check this project's checkpoint directory, against fake-quant weights when given."""
-    from decoupleq_ref.model.checkpoint import QUANT_SUFFIXES, read_checkpoint_tensors
-
     config, tensors = read_checkpoint_tensors(Path(folder))
     ref, ref_dt = load_state(fake) if fake is not None else (None, {})
     rep = CheckpointReport(str(folder), "decoupleq", [])

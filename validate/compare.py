@@ -1,102 +1,56 @@
 """Cross-backend agreement: does backend B give what backend A gives on the same inputs?
 
-    from validate.compare import compare
+    from validate.compare import assert_agree, compare
     cmp = compare("reference", "numba", "default")     # suite name, Suite, cases or (W, H, cfg) tuples
     print(cmp.table()); assert cmp.ok
+    assert_agree(W, H, cfg, reference_result, numba_result, NUMBA)   # one layer, in a test
 
 Per case: integer agreement (fraction of equal codes, and of rows with all codes equal), the
 objective ratio B/A (loss on the damped H, recomputed from each side's q/scale/zero), and the
 largest scale / zero difference on rows whose codes agree (relative to the case's largest
 |scale| / |zero|; rows whose codes differ legitimately have different (s, z); groups whose
-codes are all equal determine only s·q + z, which is compared there).
+codes are all equal determine only s·q + z, which is compared there). ``agreement`` is the one
+definition of "agrees": ``compare``, ``assert_agree`` and the bench scripts all use it, with
+the bounds of a ``validate.policy.Agreement`` (``NUMBA``, ``CUDA`` for the compiled backends).
 
-Backends are named in BACKENDS ("module:function" of a ``quantize_layer(W, H, QuantConfig)``);
-adding one is one line. A backend whose module does not import, lacks the function, or whose
-``available()`` is False is reported by ``backend_status`` with the reason, so tests can skip.
+Backends are named as in decoupleq_ref.backends (``reference`` is an alias of ``numpy``), or
+passed as a callable ``quantize_layer(W, H, QuantConfig)``.
 """
 
 from __future__ import annotations
 
-import importlib
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
 import numpy as np
 
+from decoupleq_ref.backends import get_solver
 from decoupleq_ref.config import QuantConfig
+from decoupleq_ref.model.checkpoint import read_checkpoint
 from decoupleq_ref.objective import damp_hessian, row_losses
 
 from .adapters import result_mapping, w_hat
+from .policy import CUDA, NUMBA, Agreement
+from .suite import Case, Suite, load_suite
 
-#: name -> "module:function" of a quantize_layer(W, H, QuantConfig) -> QuantResult-like.
-BACKENDS: dict[str, str] = {
-    "reference": "decoupleq_ref:quantize_layer",
-    "numba": "kernels_numba:quantize_layer",
-    "cuda": "gpu:quantize_layer",  # numba-cuda; NUMBA_ENABLE_CUDASIM=1 runs it in the simulator
-}
-ALIASES = {"numpy": "reference"}
+__all__ = ["CUDA", "NUMBA", "Agreement", "CaseComparison", "Comparison", "agreement", "assert_agree", "compare",
+           "compare_checkpoints", "get_backend"]
 
 Solver = Callable[[np.ndarray, np.ndarray, QuantConfig], Any]
 
 
-def backend_status(name: str) -> tuple[bool, str]:
-    """(usable, reason): whether backend ``name`` can run here, and why not."""
-    name = ALIASES.get(name, name)
-    if name not in BACKENDS:
-        return False, f"unknown backend {name!r}; known: {sorted(BACKENDS)}"
-    mod_name, fn_name = BACKENDS[name].split(":")
-    try:
-        mod = importlib.import_module(mod_name)
-    except ImportError as e:
-        return False, f"cannot import {mod_name}: {e}"
-    if not callable(getattr(mod, fn_name, None)):
-        return False, f"{mod_name} does not define {fn_name} (not implemented yet)"
-    probe = getattr(mod, "available", None)
-    if probe is not None:
-        try:
-            ok = bool(probe())
-        except Exception as e:  # noqa: BLE001
-            return False, f"{mod_name}.available() raised {type(e).__name__}: {e}"
-        if not ok:
-            why = getattr(mod, "unavailable_reason", None)
-            why = why() if callable(why) else why
-            return False, f"{mod_name}.available() is False" + (f": {why}" if why else "")
-    return True, "available"
-
-
 def get_backend(backend: str | Solver) -> Solver:
-    """The quantize_layer of a named backend (ValueError with the reason if unusable), or
-    ``backend`` itself if it is already a callable (W, H, QuantConfig) -> result."""
-    if callable(backend):
-        return backend
-    ok, why = backend_status(backend)
-    if not ok:
-        raise ValueError(f"backend: {backend!r} is not usable here: {why}")
-    mod_name, fn_name = BACKENDS[ALIASES.get(backend, backend)].split(":")
-    return getattr(importlib.import_module(mod_name), fn_name)
+    """The quantize_layer of a named backend (decoupleq_ref.backends.get_solver: ValueError with
+    the reason if unusable), or ``backend`` itself if it is already a callable (W, H, QuantConfig)."""
+    return backend if callable(backend) else get_solver(backend)
 
 
 def _name(backend: str | Solver) -> str:
     if isinstance(backend, str):
         return backend
     return f"{getattr(backend, '__module__', '?')}.{getattr(backend, '__qualname__', 'solver')}"
-
-
-@dataclass(frozen=True)
-class Agreement:
-    """Thresholds for ``Comparison.ok``: what "the backends agree" means.
-
-    min_agreement   fraction of equal integer codes per case
-    loss_rtol       |objective_B / objective_A − 1| per case (plus energy_atol·energy)
-    max_param_diff  scale/zero difference on rows with identical codes, relative to the case's
-                    largest |scale| (|zero|)
-    """
-
-    min_agreement: float = 0.99
-    loss_rtol: float = 1e-6
-    max_param_diff: float = 1e-6
-    energy_atol: float = 1e-12
 
 
 @dataclass
@@ -111,6 +65,7 @@ class CaseComparison:
     loss_ratio: float = float("nan")       # objective_b / objective_a
     max_scale_diff: float = float("nan")   # on rows with identical codes, relative
     max_zero_diff: float = float("nan")
+    tie_rows: float = 0.0                  # fraction of rows whose codes differ at a float tie
     seconds_a: float = 0.0
     seconds_b: float = 0.0
     error: str = ""
@@ -171,8 +126,6 @@ class Comparison:
 
 
 def _iter_cases(cases: Any) -> Iterable[tuple[str, np.ndarray, np.ndarray, QuantConfig]]:
-    from .conformance import Case, Suite, load_suite
-
     if isinstance(cases, str):
         cases = load_suite(cases)
     for k, c in enumerate(cases if isinstance(cases, (Suite, list, tuple)) else list(cases)):
@@ -202,25 +155,75 @@ def identifiable_diffs(q: np.ndarray, sa: np.ndarray, za: np.ndarray, sb: np.nda
     return np.where(const, dw, np.abs(sa - sb)), np.where(const, dw, np.abs(za - zb))
 
 
-def compare_one(name: str, W: np.ndarray, H: np.ndarray, cfg: QuantConfig, solve_a: Solver, solve_b: Solver,
-                tol: Agreement = Agreement()) -> CaseComparison:
+def _extra(result: Any, key: str) -> Any:
+    """A result field beyond the mapping's (loss_history, history_steps, lower_bound)."""
+    return result.get(key) if isinstance(result, dict) else getattr(result, key, None)
+
+
+def _shape_problems(ra: dict[str, Any], rb: dict[str, Any], dtypes: bool) -> list[str]:
+    out = []
+    for k in ("q", "scale", "zero", "row_loss"):
+        if k not in ra or k not in rb:
+            if k != "row_loss":
+                out.append(f"{k} missing from {'A' if k not in ra else 'B'}")
+            continue
+        x, y = np.asarray(ra[k]), np.asarray(rb[k])
+        if x.shape != y.shape or (dtypes and x.dtype != y.dtype):
+            out.append(f"{k} differs in shape/dtype: {x.shape} {x.dtype} vs {y.shape} {y.dtype}")
+    return out
+
+
+def _extras_problems(a: Any, b: Any, ra: dict[str, Any], rb: dict[str, Any], tol: Agreement) -> list[str]:
+    """The claimed loss/objective, the loss history, the fp16 branch and the lower bound."""
+    out = []
+    for k in ("loss", "objective"):
+        if k in ra and k in rb:
+            x, y = float(ra[k]), float(rb[k])
+            if not abs(x - y) <= tol.loss_rtol * abs(x) + tol.loss_atol:
+                out.append(f"claimed {k} {y!r} vs {x!r}: off by more than {tol.loss_rtol:g}")
+    if tol.history_rtol is not None:
+        if _extra(a, "history_steps") != _extra(b, "history_steps"):
+            out.append(f"history_steps {_extra(b, 'history_steps')} vs {_extra(a, 'history_steps')}")
+        ha, hb = (np.asarray(_extra(r, "loss_history"), dtype=np.float64) for r in (a, b))
+        if ha.shape != hb.shape or not np.all(np.abs(hb - ha) <= tol.history_rtol * np.abs(ha) + tol.loss_atol):
+            out.append(f"loss_history differs beyond {tol.history_rtol:g}: {hb.tolist()} vs {ha.tolist()}")
+    if math.isfinite(tol.branch_rtol):
+        ia, ib = ra.get("hp_index"), rb.get("hp_index")
+        if (ia is None) != (ib is None) or (ia is not None and not np.array_equal(ia, ib)):
+            out.append(f"fp16 branch columns differ: {ib} vs {ia}")
+        elif ia is not None:
+            wa, wb = np.asarray(ra["hp_weight"], np.float64), np.asarray(rb["hp_weight"], np.float64)
+            lim = tol.branch_rtol * np.abs(wa) + tol.branch_atol * (float(np.abs(wa).max()) if wa.size else 0.0)
+            if wa.shape != wb.shape or not np.all(np.abs(wb - wa) <= lim):
+                out.append(f"fp16 branch weights differ beyond {tol.branch_rtol:g} + {tol.branch_atol:g}·max")
+    if tol.bound_rtol is not None:
+        la, lb = _extra(a, "lower_bound"), _extra(b, "lower_bound")
+        if (la is None) != (lb is None) or (la is not None and not abs(lb - la) <= tol.bound_rtol * abs(la)):
+            out.append(f"lower_bound {lb!r} vs {la!r} (rtol {tol.bound_rtol:g})")
+    return out
+
+
+def agreement(name: str, W: np.ndarray, H: np.ndarray, cfg: QuantConfig, a: Any, b: Any,
+              tol: Agreement = Agreement()) -> CaseComparison:
+    """How far result ``b`` is from result ``a`` (A the reference) on layer (W, H) under cfg,
+    and which bounds of ``tol`` it breaks (``.problems``; empty = they agree)."""
     out = CaseComparison(name, W.shape, cfg)
-    try:
-        t0 = time.perf_counter()
-        ra = result_mapping(solve_a(W.copy(), H.copy(), cfg))
-        t1 = time.perf_counter()
-        rb = result_mapping(solve_b(W.copy(), H.copy(), cfg))
-        out.seconds_a, out.seconds_b = t1 - t0, time.perf_counter() - t1
-    except Exception as e:  # noqa: BLE001
-        out.error = f"{type(e).__name__}: {e}"
+    ra, rb = result_mapping(a), result_mapping(b)
+    shape_problems = _shape_problems(ra, rb, tol.same_dtypes)
+    if any(k.split()[0] in ("q", "scale", "zero") for k in shape_problems):
+        out.error = "; ".join(shape_problems)
         return out
-    qa, qb = np.asarray(ra["q"]), np.asarray(rb["q"])
-    if qa.shape != qb.shape or np.shape(ra["scale"]) != np.shape(rb["scale"]):
-        out.error = f"shapes differ: q {qa.shape} vs {qb.shape}, scale {np.shape(ra['scale'])} vs {np.shape(rb['scale'])}"
-        return out
-    eq = qa.astype(np.int64) == qb.astype(np.int64)
+    out.problems += shape_problems
+    qa, qb = np.asarray(ra["q"]).astype(np.int64), np.asarray(rb["q"]).astype(np.int64)
+    eq = qa == qb
     same_rows = eq.all(axis=1)
     out.agreement, out.rows_identical = float(eq.mean()), float(same_rows.mean())
+    tie = np.zeros(len(same_rows), dtype=bool)
+    if tol.tie_rtol is not None and "row_loss" in ra and "row_loss" in rb:
+        tie = ~same_rows & np.isclose(np.asarray(ra["row_loss"], np.float64), np.asarray(rb["row_loss"], np.float64),
+                                      rtol=tol.tie_rtol, atol=tol.tie_atol)
+    out.tie_rows = float(tie.mean()) if tie.size else 0.0
+    codes_equal = float(eq[~tie].mean()) if (~tie).any() else float("nan")
     Hd = damp_hessian(H, cfg.damp)
     sa, za = np.asarray(ra["scale"], np.float64), np.asarray(ra["zero"], np.float64)
     sb, zb = np.asarray(rb["scale"], np.float64), np.asarray(rb["zero"], np.float64)
@@ -232,18 +235,49 @@ def compare_one(name: str, W: np.ndarray, H: np.ndarray, cfg: QuantConfig, solve
         out.loss_ratio = out.objective_b / out.objective_a
     else:
         out.loss_ratio = 1.0 if out.objective_b <= 2 * slack + 1e-300 else float("inf")
-    s_ref = max(float(np.abs(sa).max()), 1e-300)
-    z_ref = max(float(np.abs(za).max()), s_ref)
+    s_ref = max(float(np.abs(sa).max()), 1e-300) if sa.size else 1.0
+    z_ref = max(float(np.abs(za).max()), s_ref) if za.size else 1.0
     ds, dz = identifiable_diffs(qa, sa, za, sb, zb)
     out.max_scale_diff = _rel_max(ds[same_rows], s_ref)
     out.max_zero_diff = _rel_max(dz[same_rows], z_ref)
-    if out.agreement < tol.min_agreement:
-        out.problems.append(f"codes agree {out.agreement:.4f} < {tol.min_agreement:g}")
+    if out.tie_rows > tol.max_tie_rows:
+        out.problems.append(f"{int(tie.sum())} of {len(tie)} rows are float ties (> {tol.max_tie_rows:g})")
+    if not codes_equal >= tol.min_agreement:
+        ties = " outside float ties" if tie.any() else ""
+        out.problems.append(f"codes agree {codes_equal:.4f}{ties} < {tol.min_agreement:g}")
     if abs(out.objective_b - out.objective_a) > tol.loss_rtol * max(out.objective_a, out.objective_b) + slack:
         out.problems.append(f"objective ratio {out.loss_ratio:.9g} off by more than {tol.loss_rtol:g}")
     if max(out.max_scale_diff, out.max_zero_diff) > tol.max_param_diff:
         out.problems.append(f"scale/zero differ by {max(out.max_scale_diff, out.max_zero_diff):.3g} on rows "
                             f"with equal codes (> {tol.max_param_diff:g})")
+    out.problems += _extras_problems(a, b, ra, rb, tol)
+    return out
+
+
+def assert_agree(W: np.ndarray, H: np.ndarray, cfg: QuantConfig, a: Any, b: Any,
+                 tol: Agreement = Agreement()) -> CaseComparison:
+    """AssertionError naming every broken bound unless result ``b`` agrees with the reference
+    result ``a`` on layer (W, H) under cfg (``agreement``); returns the measurements."""
+    c = agreement("layer", np.asarray(W, dtype=np.float64), np.asarray(H, dtype=np.float64), cfg, a, b, tol)
+    assert c.ok, f"{W.shape[0]}x{W.shape[1]} {cfg}: " + (c.error or "; ".join(c.problems))
+    return c
+
+
+def compare_one(name: str, W: np.ndarray, H: np.ndarray, cfg: QuantConfig, solve_a: Solver, solve_b: Solver,
+                tol: Agreement = Agreement()) -> CaseComparison:
+    """Run both solvers on copies of (W, H) and measure their ``agreement``."""
+    try:
+        t0 = time.perf_counter()
+        a = solve_a(W.copy(), H.copy(), cfg)
+        t1 = time.perf_counter()
+        b = solve_b(W.copy(), H.copy(), cfg)
+        seconds = (t1 - t0, time.perf_counter() - t1)
+    except Exception as e:  # noqa: BLE001
+        out = CaseComparison(name, W.shape, cfg)
+        out.error = f"{type(e).__name__}: {e}"
+        return out
+    out = agreement(name, W, H, cfg, a, b, tol)
+    out.seconds_a, out.seconds_b = seconds
     return out
 
 
@@ -298,8 +332,6 @@ def compare_checkpoints(a: Any, b: Any) -> CheckpointAgreement:
     """Agreement of checkpoint folders ``a`` (reference) and ``b`` (under test), decoupleq
     quantize/run output. ValueError when they do not hold the same layers with the same shapes
     and setting: then nothing compares."""
-    from decoupleq_ref.model.checkpoint import read_checkpoint
-
     (cfg_a, layers_a), (cfg_b, layers_b) = read_checkpoint(a), read_checkpoint(b)
     setting = ("bits", "group_size")
     if any(cfg_a[k] != cfg_b[k] for k in setting) or set(layers_a) != set(layers_b):

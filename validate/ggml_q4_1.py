@@ -35,6 +35,9 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from decoupleq_ref.model.checkpoint import read_checkpoint
+from decoupleq_ref.model.weights import gguf_heads, gguf_to_hf_name, hf_row_order
+
 from .report import FAIL, INFO, PASS, Report, list_groups
 
 BLOCK = 32  # columns per Q4_1 block
@@ -133,8 +136,6 @@ def check_checkpoint_q4_1(folder: str | Path, reference: Mapping[str, tuple[np.n
     (q, d, m) per linear (``reference``: HF linear name → arrays, e.g. ``gguf_q4_1_layers``).
     Every reference layer must be in the checkpoint; findings ``ggml.<layer>.codes`` /
     ``.scale`` / ``.zero`` / ``.reach`` as in check_q4_1 (no loss: a checkpoint stores no H)."""
-    from decoupleq_ref.model.checkpoint import read_checkpoint
-
     config, layers = read_checkpoint(Path(folder))
     rep = Report(case=f"checkpoint {folder}")
     solver = config.get("solver", {})
@@ -159,8 +160,6 @@ def gguf_q4_1_layers(path: str | Path) -> dict[str, tuple[np.ndarray, np.ndarray
     """Every Q4_1 linear of a Llama-family GGUF as HF linear name → (q, d, m), rows in the HF
     order transformers loads (attn_q / attn_k rows un-permuted, decoupleq_ref.model.weights)."""
     from gguf import GGMLQuantizationType, GGUFReader
-
-    from decoupleq_ref.model.weights import gguf_heads, gguf_to_hf_name, hf_row_order
 
     reader = GGUFReader(str(path))
     n_head, n_kv = gguf_heads(reader)
@@ -226,28 +225,3 @@ def _add(rep: Report, check: str, bad: np.ndarray, ok_msg: str, bad_msg: str) ->
                 rows=sorted({int(r) for r, _ in pairs}))
     else:
         rep.add(check, PASS, ok_msg)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """python -m validate.ggml_q4_1 CHECKPOINT [GGUF]: a W4 g32 checkpoint of a Q4_1 GGUF model
-    (default: the bundled SmolLM2-135M-Instruct) against the file's integers; exit 1 on a
-    difference."""
-    import argparse
-
-    ap = argparse.ArgumentParser(description=main.__doc__)
-    ap.add_argument("checkpoint")
-    ap.add_argument("gguf", nargs="?", help="the GGUF the checkpoint was made from (default: the bundled model)")
-    args = ap.parse_args(argv)
-    if args.gguf is None:
-        from decoupleq_ref.model.source import default_model_path
-
-        args.gguf = default_model_path(fetch=False)
-    rep = check_checkpoint_q4_1(args.checkpoint, gguf_q4_1_layers(args.gguf))
-    n, bad = int(rep.numbers.get("layers", 0)), int(rep.numbers.get("layers_differing", 0))
-    print(f"{args.checkpoint}: {n} Q4_1 layers compared, {bad} differ from {Path(args.gguf).name}")
-    print(rep)
-    return 0 if rep.ok else 1
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

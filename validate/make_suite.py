@@ -17,9 +17,7 @@ change; the manifest's policy section is the tolerance contract of each check.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
-import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,11 +25,15 @@ from typing import Any, Callable
 
 import numpy as np
 
+import decoupleq_ref as dq
+from decoupleq_ref.config import QuantConfig
+from decoupleq_ref.objective import damp_hessian
+
+from .exact import global_optimum
+from .policy import policy_section
+from .suite import FORMAT_VERSION, MANIFEST_FILE, SUITES_DIR, TENSORS_FILE, tensor_hash, write
+
 SUITE_VERSION = 2  # 2: fp16-branch cases (hp_channels), configs with the hp_* fields
-FORMAT_VERSION = 1
-SUITES_DIR = Path(__file__).resolve().parent / "suites"
-TENSORS_FILE = "cases.safetensors"
-MANIFEST_FILE = "manifest.json"
 
 
 # ----------------------------------------------------------------------------- exact inputs
@@ -200,8 +202,6 @@ class CaseSpec:
 
 
 def build_cases(layers: dict[str, Layer]) -> list[CaseSpec]:
-    from decoupleq_ref.config import QuantConfig
-
     cases: list[CaseSpec] = []
 
     def add(name: str, layer: str, tags: list[str], desc: str = "", **cfg: Any) -> None:
@@ -290,50 +290,10 @@ def build_cases(layers: dict[str, Layer]) -> list[CaseSpec]:
     return cases
 
 
-# ----------------------------------------------------------------------------- policy
-
-def policy_section() -> dict[str, Any]:
-    """The tolerance contract, recorded in the manifest (docs/VALIDATION.md explains each)."""
-    from .check import LEVELS, SUITE_LEVELS, Policy
-
-    p = Policy()
-    return {
-        "structure": {"tolerance": "exact", "what": "q (out, in) integer in [0, 2^b-1]; scale, zero (out, G) "
-                      "float and finite; symmetric: zero = -scale*2^(b-1)", "symmetric_rtol": p.symmetric_rtol},
-        "loss.claimed": {"rtol": p.claimed_rtol, "what": "claimed loss / row_loss / objective equal the values "
-                         "recomputed from (q, scale, zero)"},
-        "loss.reference": {"levels": LEVELS, "default_level": p.level,
-                           "what": "objective (on H + damp*mean(diag H)*I) <= (1 + rtol) x the reference's, in total "
-                           "and averaged over rows normalised by W_i H_d W_i^T"},
-        "suite.reference": {"levels": SUITE_LEVELS, "what": "geometric mean over the cases with a reference "
-                            "of objective / reference objective <= 1 + rtol"},
-        "loss.optimum": {"rtol": p.optimum_rtol, "what": "no row's objective below the exact global optimum "
-                         "(tiny per-channel cases)"},
-        "slack": {"energy_atol": p.energy_atol, "storage_ulps": p.storage_ulps,
-                  "what": "absolute slack energy_atol * sum_i W_i H_d W_i^T, plus storage_ulps * u * "
-                  "2*sqrt(objective*energy) for scale/zero returned in a dtype of unit roundoff u"},
-        "ties": "rounding ties (x.5 exactly) may be decided either way; only the loss tolerances judge them",
-    }
-
-
 # ----------------------------------------------------------------------------- build / write
-
-def tensor_hash(a: np.ndarray) -> str:
-    a = np.ascontiguousarray(a)
-    h = hashlib.sha256()
-    h.update(f"{a.dtype.str}{list(a.shape)}".encode())
-    h.update(a.tobytes())
-    return h.hexdigest()
-
 
 def build(name: str = "default") -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     """All tensors and the manifest of the suite, computed from scratch."""
-    import decoupleq_ref as dq
-    from decoupleq_ref.config import QuantConfig
-    from decoupleq_ref.objective import damp_hessian
-
-    from .exact import global_optimum
-
     layers = build_layers()
     specs = build_cases(layers)
     tensors: dict[str, np.ndarray] = {}
@@ -385,24 +345,6 @@ def build(name: str = "default") -> tuple[dict[str, np.ndarray], dict[str, Any]]
         "cases": man_cases,
     }
     return tensors, manifest
-
-
-def manifest_text(manifest: dict[str, Any]) -> str:
-    return json.dumps(manifest, indent=1, sort_keys=False) + "\n"
-
-
-def write(out_dir: Path, tensors: dict[str, np.ndarray], manifest: dict[str, Any]) -> None:
-    """Write both files through temporary names, then rename: the tensors first, the manifest
-    (which names and hashes them) last, so a crash never leaves a suite that loads but lies."""
-    from safetensors.numpy import save_file
-
-    out_dir.mkdir(parents=True, exist_ok=True)
-    tmp_t, tmp_m = out_dir / f".{TENSORS_FILE}.tmp", out_dir / f".{MANIFEST_FILE}.tmp"
-    save_file(dict(sorted(tensors.items())), str(tmp_t),
-              metadata={"suite": manifest["suite"], "suite_version": str(manifest["suite_version"])})
-    tmp_m.write_text(manifest_text(manifest))
-    os.replace(tmp_t, out_dir / TENSORS_FILE)
-    os.replace(tmp_m, out_dir / MANIFEST_FILE)
 
 
 def compare_with_files(out_dir: Path, tensors: dict[str, np.ndarray], manifest: dict[str, Any],

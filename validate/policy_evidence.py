@@ -16,12 +16,11 @@ from typing import Any, Callable
 import decoupleq_ref as dq
 
 from .conformance import SuiteReport, load_suite, run_suite
+from .official_style import official_quantize
 
 
 def official_impl(W: Any, H: Any, config: dict) -> dict:
     """The official solver's decisions (asymmetric decoupleq only; other cases are skipped)."""
-    from .official_style import official_quantize
-
     if config["symmetric"] or config["method"] != "decoupleq" or config["hp_channels"]:
         raise NotImplementedError("the official-style port covers asymmetric decoupleq without the fp16 branch")
     r = official_quantize(W, H, bits=config["bits"], group_size=config["group_size"], max_iter_num=config["iters"] + 1,
