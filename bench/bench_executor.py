@@ -1,4 +1,4 @@
-"""Per-task overhead of the quantize executors (issue 10, docs/SCALING.md).
+"""Per-task overhead of the quantize executors (docs/SCALING.md).
 
 Quantizes every linear of a small random Llama (random full-rank H, no forward pass) with the
 same config four ways in one run — in-process, a 2-process local pool, Ray with one task in

@@ -1,4 +1,4 @@
-"""GPU benchmarks of issues 4 and 8 (needs a CUDA GPU and a CUDA build of torch; exits with a
+"""GPU benchmarks of the gpu backend (needs a CUDA GPU and a CUDA build of torch; exits with a
 message otherwise). Every ratio is measured side by side in one process.
 
 1. Card: name, SMs, and a device-to-device copy's GB/s (read + write), the practical peak the

@@ -1,4 +1,4 @@
-"""Loss vs effective bits per weight of the fp16 high-precision branch (issue 11) on real layers.
+"""Loss vs effective bits per weight of the fp16 high-precision branch on real layers.
 
 For every ``blkNN_<name>.npz`` in --layers-dir (bench/capture_smollm2_layers.py) runs decoupleq
 (QuantConfig defaults, hp_select=--select) for

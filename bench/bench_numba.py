@@ -1,4 +1,4 @@
-"""Numba CPU backend vs the NumPy reference (issue 3), every ratio measured in this one run.
+"""Numba CPU backend vs the NumPy reference, every ratio measured in this one run.
 
 1. Solver, W2, same layer and config on both backends: 576×1536 per-channel (4 alternations;
    a captured SmolLM2 down_proj from .cache/smollm2_layers when present, synthetic otherwise) and

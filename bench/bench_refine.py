@@ -1,4 +1,4 @@
-"""Issue #7 benchmark: how far from optimal are gptq, official-settings decoupleq and this
+"""Optimality-gap benchmark: how far from optimal are gptq, official-settings decoupleq and this
 project's improved decoupleq (refinement + extra starts)?
 
   tiny: seeded layers small enough to enumerate the global optimum (validate.exact), W2

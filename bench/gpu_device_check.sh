@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 8's checks on a real CUDA GPU, as one prepared script (a lent GPU machine's time is short):
+# The gpu backend's checks on a real CUDA GPU, as one prepared script (a lent GPU machine's time is short):
 #   1. the gpu kernel tests with the simulator off (tests/test_gpu_kernels.py, real kernels);
 #   2. the cuda backend on the whole conformance suite at reference level (decoupleq validate);
 #   3. the packed matmul against the input battery (decoupleq check-kernel);

@@ -1,4 +1,4 @@
-"""Issue 5's commands on a GPU machine: calibrate → quantize --backend cuda → eval, and run.
+"""The model commands on a GPU machine: calibrate → quantize --backend cuda → eval, and run.
 
 The model pipeline's GPU path (the cuda layer solver behind `decoupleq quantize` and `decoupleq
 run`, and the default backend a GPU machine picks) as a user calls it, through the CLI, on a

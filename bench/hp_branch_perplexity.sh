@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Issue 11: SmolLM2 perplexity of the fp16 branch at ~2.25 bits vs plain W2 g64 and W2 per-channel (BENCHMARKS.md §6).
-# Layer-wise `quantize` from one set of float-model stats, as issue 11 measured it (`run --hp-channels`, the
+# SmolLM2 perplexity of the fp16 branch at ~2.25 bits vs plain W2 g64 and W2 per-channel (BENCHMARKS.md §6).
+# Layer-wise `quantize` from one set of float-model stats, as first measured (`run --hp-channels`, the
 # full procedure with the branch, came later: BENCHMARKS.md §6); eval as bench_pipeline.py.
 set -euo pipefail
 cd "$(dirname "$0")/.."

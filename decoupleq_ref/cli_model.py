@@ -1,4 +1,4 @@
-"""Model-level commands (issue 5): calibrate, quantize, run, eval, demo.
+"""Model-level commands: calibrate, quantize, run, eval, demo.
 
 They register on ``cli.app``. torch and transformers are imported inside the commands that need
 them, never at import time: ``decoupleq quantize`` runs without torch.

@@ -1,4 +1,4 @@
-"""Oracle commands (issues 6 and 9): ``decoupleq validate`` and ``decoupleq validate-checkpoint``.
+"""Oracle commands: ``decoupleq validate`` and ``decoupleq validate-checkpoint``.
 
 Both register on ``cli.app``; the validate package is imported inside the commands, so the
 rest of the CLI starts without it. Exit status: 0 when everything passed, 1 when a check

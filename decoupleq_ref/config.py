@@ -16,7 +16,7 @@ METHODS: tuple[str, ...] = ("rtn", "gptq", "decoupleq")
 #: How the high-precision branch picks its input channels (decoupleq_ref/hp_branch.py).
 HP_SELECT: tuple[str, ...] = ("hessian", "obs", "magnitude", "error")
 
-#: This project's improved solver (issue 7): polish + 8 grid placements. On tiny exact cases the
+#: This project's improved solver: polish + 8 grid placements. On tiny exact cases the
 #: loss lands at the global optimum in >80 % of rows (p90 1.21×), on SmolLM2 layers about 0.85×
 #: the official-settings objective, for ~6× its solve time (BENCHMARKS.md §2).
 IMPROVED: dict[str, Any] = {"refine_sweeps": 3, "n_starts": 8}

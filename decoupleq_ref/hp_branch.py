@@ -1,4 +1,4 @@
-"""High-precision branch on the k most sensitive input channels (issue 11, docs/ALGORITHM.md §8).
+"""High-precision branch on the k most sensitive input channels (docs/ALGORITHM.md §8).
 
 The layer is stored as Ŵ = (s·q + z) + B, where B is non-zero only on k input columns S and is
 kept in fp16 (dense (out, k) block + the k column indices). Writing Q = s·q + z for the quantized

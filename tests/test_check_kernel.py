@@ -1,4 +1,4 @@
-"""validate.check_kernel (issue 9): every listed layout mistake, planted in a small wrong 2-bit
+"""validate.check_kernel: every listed layout mistake, planted in a small wrong 2-bit
 kernel written here (its own word-and-shift decoding, not validate.layout's), is named; the
 project's own matmuls pass (reference here, Numba when built, gpu in the CUDA simulator)."""
 

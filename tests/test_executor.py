@@ -1,4 +1,4 @@
-"""Executors of `decoupleq quantize` (issue 10): the checkpoint does not depend on where the layers
+"""Executors of `decoupleq quantize`: the checkpoint does not depend on where the layers
 are solved — in-process, a local process pool, a local Ray cluster, or a Ray cluster that loses a
 worker mid-layer."""
 

@@ -1,4 +1,4 @@
-"""The fp16 high-precision branch (issue 11) and the 1-bit main branch through the whole stack."""
+"""The fp16 high-precision branch and the 1-bit main branch through the whole stack."""
 
 from __future__ import annotations
 

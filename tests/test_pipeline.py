@@ -1,4 +1,4 @@
-"""Model pipeline (issue 5) on tiny random models built from configs: calibrate → quantize →
+"""Model pipeline on tiny random models built from configs: calibrate → quantize →
 checkpoint → reload, resume after an interruption, clear errors. SmolLM2 only in the last test."""
 
 from __future__ import annotations

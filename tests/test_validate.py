@@ -1,4 +1,4 @@
-"""validate.check_result, the conformance suite, the adapters and ``decoupleq validate`` (issue 6).
+"""validate.check_result, the conformance suite, the adapters and ``decoupleq validate``.
 
 Two deliberately wrong implementations live here (an off-by-one integer range, scale and zero
 swapped in some groups) and must be caught with a message that names the defect; a correct

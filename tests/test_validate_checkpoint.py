@@ -1,4 +1,4 @@
-"""validate.checkpoint and ``decoupleq validate-checkpoint`` (issue 9): the official
+"""validate.checkpoint and ``decoupleq validate-checkpoint``: the official
 fake_quant.pth / true_quant.pth pair (written here in the official layout: int8 signed codes,
 NAME_qscale / NAME_qzero (out, G)) and this project's checkpoint directory; one corrupted layer
 is caught by name."""

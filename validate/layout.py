@@ -1,7 +1,7 @@
 """The usual layout mistakes of packed low-bit kernels, each as the weight it would produce.
 
 Given a PackedLayer in this project's format (docs/FORMAT.md), ``layout_mistakes`` returns, for
-every mistake on the list of issue 9, the effective weight Ŵ' (out, in) that a kernel making
+every layout mistake it knows (docs/VALIDATION.md, "check_kernel"), the effective weight Ŵ' (out, in) that a kernel making
 that mistake computes from the same bytes. ``validate.kernel`` measures the kernel's effective
 weight with one-hot inputs and names the mistake whose Ŵ' matches it.
 

@@ -1,4 +1,4 @@
-"""Model-level pipeline (issue 5): calibrate → quantize / run → checkpoint → eval.
+"""Model-level pipeline: calibrate → quantize / run → checkpoint → eval.
 
 Torch-free modules (safe for ``decoupleq quantize``): source, weights, stats, checkpoint,
 quantize, atomic, progress. Torch modules (imported only by the commands that need torch):
