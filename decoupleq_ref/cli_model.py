@@ -16,7 +16,7 @@ from typing import Callable, Optional
 
 import typer
 
-from .backends import BACKENDS, default_backend, get_solver
+from .backends import ALIASES, BACKENDS, default_backend, get_solver
 from .cli import app
 from .config import IMPROVED, METHODS, QuantConfig
 from .model.progress import log
@@ -67,7 +67,7 @@ def model_source(model: Optional[str]) -> ModelSource:
 
 
 def solver_for(backend: Optional[str]):
-    name = backend or default_backend()
+    name = ALIASES.get(backend, backend) if backend else default_backend()  # "reference" -> "numpy"
     if name not in BACKENDS:
         raise ValueError(f"--backend: unknown backend {name!r}; choose one of {BACKENDS}")
     return get_solver(name), name

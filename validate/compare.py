@@ -160,17 +160,21 @@ def _extra(result: Any, key: str) -> Any:
     return result.get(key) if isinstance(result, dict) else getattr(result, key, None)
 
 
-def _shape_problems(ra: dict[str, Any], rb: dict[str, Any], dtypes: bool) -> list[str]:
-    out = []
+def _shape_problems(ra: dict[str, Any], rb: dict[str, Any], dtypes: bool) -> tuple[list[str], list[str]]:
+    """(why the arrays cannot be compared, dtype differences): q, scale, zero missing or of other
+    shapes; row_loss of another shape; with ``dtypes`` any of them of another dtype."""
+    errors, problems = [], []
     for k in ("q", "scale", "zero", "row_loss"):
         if k not in ra or k not in rb:
             if k != "row_loss":
-                out.append(f"{k} missing from {'A' if k not in ra else 'B'}")
+                errors.append(f"{k} missing from {'A' if k not in ra else 'B'}")
             continue
         x, y = np.asarray(ra[k]), np.asarray(rb[k])
-        if x.shape != y.shape or (dtypes and x.dtype != y.dtype):
-            out.append(f"{k} differs in shape/dtype: {x.shape} {x.dtype} vs {y.shape} {y.dtype}")
-    return out
+        if x.shape != y.shape:
+            (errors if k != "row_loss" else problems).append(f"{k} shape {y.shape} vs {x.shape}")
+        elif dtypes and x.dtype != y.dtype:
+            problems.append(f"{k} dtype {y.dtype} vs {x.dtype}")
+    return errors, problems
 
 
 def _extras_problems(a: Any, b: Any, ra: dict[str, Any], rb: dict[str, Any], tol: Agreement) -> list[str]:
@@ -209,11 +213,10 @@ def agreement(name: str, W: np.ndarray, H: np.ndarray, cfg: QuantConfig, a: Any,
     and which bounds of ``tol`` it breaks (``.problems``; empty = they agree)."""
     out = CaseComparison(name, W.shape, cfg)
     ra, rb = result_mapping(a), result_mapping(b)
-    shape_problems = _shape_problems(ra, rb, tol.same_dtypes)
-    if any(k.split()[0] in ("q", "scale", "zero") for k in shape_problems):
-        out.error = "; ".join(shape_problems)
+    errors, out.problems = _shape_problems(ra, rb, tol.same_dtypes)
+    if errors:
+        out.error = "; ".join(errors)
         return out
-    out.problems += shape_problems
     qa, qb = np.asarray(ra["q"]).astype(np.int64), np.asarray(rb["q"]).astype(np.int64)
     eq = qa == qb
     same_rows = eq.all(axis=1)
