@@ -22,11 +22,11 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable
+from typing import Any, Iterable
 
 import numpy as np
 
-from decoupleq_ref.backends import get_solver
+from decoupleq_ref.backends import Solver, get_solver
 from decoupleq_ref.config import QuantConfig
 from decoupleq_ref.model.checkpoint import read_checkpoint
 from decoupleq_ref.objective import damp_hessian, row_losses
@@ -37,9 +37,6 @@ from .suite import Case, Suite, load_suite
 
 __all__ = ["CUDA", "NUMBA", "Agreement", "CaseComparison", "Comparison", "agreement", "assert_agree", "compare",
            "compare_checkpoints", "get_backend"]
-
-Solver = Callable[[np.ndarray, np.ndarray, QuantConfig], Any]
-
 
 def get_backend(backend: str | Solver) -> Solver:
     """The quantize_layer of a named backend (decoupleq_ref.backends.get_solver: ValueError with
