@@ -42,6 +42,17 @@ class ModelSource:
     def describe(self) -> str:
         return str(self.path)
 
+    def fingerprint(self) -> str:
+        """Identity of the model's weights (safefiles.file_fingerprint of its weight files and
+        config.json): recorded by calibrate, compared by quantize, so statistics of another model
+        with the same shapes are not used silently."""
+        from .safefiles import file_fingerprint
+
+        if self.is_gguf:
+            return file_fingerprint([self.path])
+        files = [p for pattern in ("*.safetensors", "*.bin", "config.json") for p in self.folder.glob(pattern)]
+        return file_fingerprint(files)
+
 
 def cache_dir() -> Path:
     return Path(os.environ.get("DECOUPLEQ_CACHE", Path.home() / ".cache" / "decoupleq-ref"))
