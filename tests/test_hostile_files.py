@@ -330,6 +330,21 @@ def test_damaged_files_end_in_one_line(base, tmp_path):
             read_checkpoint(ck)
 
 
+def test_truncated_gguf_is_a_clear_error(base, tmp_path):
+    gguf = pytest.importorskip("gguf")
+    writer = gguf.GGUFWriter(str(tmp_path / "m.gguf"), "llama")
+    writer.add_uint32("llama.attention.head_count", 4)
+    writer.add_tensor("blk.0.ffn_up.weight", np.zeros((128, 64), np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    data = (tmp_path / "m.gguf").read_bytes()
+    (tmp_path / "m.gguf").write_bytes(data[:200])
+    assert "not a readable GGUF" in assert_clean_error(quantize(tmp_path / "m.gguf", base["stats"], tmp_path / "q"),
+                                                       "m.gguf")
+
+
 def test_truncated_layer_file_for_quantize_layer(tmp_path):
     np.savez(tmp_path / "l.npz", W=np.ones((4, 64)), H=np.eye(64))
     data = (tmp_path / "l.npz").read_bytes()

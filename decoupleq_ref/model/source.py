@@ -43,15 +43,14 @@ class ModelSource:
         return str(self.path)
 
     def fingerprint(self) -> str:
-        """Identity of the model's weights (safefiles.file_fingerprint of its weight files and
-        config.json): recorded by calibrate, compared by quantize, so statistics of another model
-        with the same shapes are not used silently."""
+        """Identity of the model's weights (safefiles.file_fingerprint of its weight files: the GGUF,
+        else the *.safetensors files, else the *.bin ones): recorded by calibrate, compared by
+        quantize, so statistics of another model with the same shapes are not used silently."""
         from .safefiles import file_fingerprint
 
         if self.is_gguf:
             return file_fingerprint([self.path])
-        files = [p for pattern in ("*.safetensors", "*.bin", "config.json") for p in self.folder.glob(pattern)]
-        return file_fingerprint(files)
+        return file_fingerprint(list(self.folder.glob("*.safetensors")) or list(self.folder.glob("*.bin")))
 
 
 def cache_dir() -> Path:
