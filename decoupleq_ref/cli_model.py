@@ -129,12 +129,11 @@ def calibrate_cmd(
     device: str = device_option(),
 ) -> None:
     """Run the float model on random text windows; store H = XᵀX/N (float64) for every linear."""
+    from .model.atomic import remove_stale_temps
     from .model.calibrate import calibrate
+    from .model.lock import FolderLock
     from .model.text import text_sha256
     from .model.torch_model import load_model, torch_device
-
-    from .model.atomic import remove_stale_temps
-    from .model.lock import FolderLock
 
     source = model_source(model)
     where = torch_device(device)

@@ -218,6 +218,29 @@ def test_stale_temp_files_are_removed_on_resume(base, tmp_path):
     assert_finished_like_ref(cut, base["ref"])
 
 
+def test_kill_9_while_writing_the_final_file(base, tmp_path):
+    """A real SIGKILL halfway through model.safetensors' temporary file: the process leaves that
+    file and its lock; the same command takes the lock over, removes the file and ends with the
+    uninterrupted run's bytes."""
+    code = ("import os, signal, sys\nimport safetensors.numpy as sn\nreal = sn.save_file\n"
+            "def dying(arrays, path, metadata=None):\n"
+            "    if '.model.safetensors.tmp-' in path:\n"
+            "        real(arrays, path, metadata=metadata)\n"
+            "        os.truncate(path, os.path.getsize(path) // 2)\n"
+            "        os.kill(os.getpid(), signal.SIGKILL)\n"
+            "    return real(arrays, path, metadata=metadata)\n"
+            "sn.save_file = dying\nfrom decoupleq_ref.cli import app\napp(sys.argv[1:])\n")
+    out = tmp_path / "q"
+    args = ["quantize", str(base["model"]), "--stats", str(base["stats"]), "--out", str(out), *QUANT]
+    done = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    assert done.returncode == -9, done.stderr[-2000:]
+    left = sorted(p.name for p in out.iterdir())
+    assert left == [".lock", f".model.safetensors.tmp-{json.loads((out / LOCK_NAME).read_text())['pid']}", PARTIAL]
+    assert quantize(base["model"], base["stats"], out).exit_code == 0
+    assert_finished_like_ref(out, base["ref"])
+
+
 def test_calibrate_removes_stale_temp_files(base, tmp_path):
     out = tmp_path / "stats"
     out.mkdir()
