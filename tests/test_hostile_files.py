@@ -339,6 +339,15 @@ def test_damaged_files_end_in_one_line(base, tmp_path):
         (stats / "stats.json").write_text(damage)
         assert_clean_error(quantize(base["model"], stats, tmp_path / "q"), "stats.json")
     assert not (tmp_path / "q").exists()
+    from decoupleq_ref.model.atomic import write_safetensors
+    from decoupleq_ref.model.safefiles import read_safetensors
+
+    shutil.rmtree(stats)
+    shutil.copytree(base["stats"], stats)
+    H, _ = read_safetensors(stats / "hessians.safetensors", "--stats", "")
+    H[next(iter(H))][0, 0] = np.nan
+    write_safetensors(stats / "hessians.safetensors", H)
+    assert "NaN or Inf" in assert_clean_error(quantize(base["model"], stats, tmp_path / "q"), "hessians.safetensors")
 
     ck = tmp_path / "ck"
     shutil.copytree(base["ref"], ck)
