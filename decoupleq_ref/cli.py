@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+import zipfile
 from pathlib import Path
 from typing import Optional
 
@@ -24,22 +25,30 @@ def main() -> None:
 
 
 def load_layer_file(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    """Read W and H from an .npz (keys W, H) or .safetensors file (tensors W, H)."""
+    """Read W and H from an .npz (keys W, H) or .safetensors file (tensors W, H); a missing,
+    damaged or incomplete file is a usage error naming --layer and the fix."""
     if not path.exists():
         raise typer.BadParameter(f"{path} does not exist", param_hint="--layer")
     if path.suffix == ".npz":
-        with np.load(path) as f:
-            missing = {"W", "H"} - set(f.files)
-            if missing:
-                raise typer.BadParameter(f"{path} lacks arrays {sorted(missing)}; it needs W and H",
-                                         param_hint="--layer")
-            return f["W"], f["H"]
+        fix = "re-save it with numpy.savez(path, W=W, H=H)"
+        try:
+            with np.load(path, allow_pickle=False) as f:
+                missing = {"W", "H"} - set(f.files)
+                if missing:
+                    raise typer.BadParameter(f"{path} lacks arrays {sorted(missing)}; it needs W and H",
+                                             param_hint="--layer")
+                return f["W"], f["H"]
+        except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+            raise typer.BadParameter(f"{path} is not a readable .npz file ({' '.join(str(e).split())[:160]}); "
+                                     f"{fix}", param_hint="--layer") from None
     if path.suffix == ".safetensors":
-        from safetensors.numpy import load_file
+        from .model.safefiles import read_safetensors
 
-        t = load_file(str(path))
-        if not {"W", "H"} <= set(t):
-            raise typer.BadParameter(f"{path} needs tensors named W and H", param_hint="--layer")
+        try:
+            t, _ = read_safetensors(path, "--layer", "re-save it with safetensors.numpy.save_file({'W': W, 'H': H}, path)",
+                                    names=["W", "H"])
+        except ValueError as e:
+            raise typer.BadParameter(str(e).removeprefix("--layer: "), param_hint="--layer") from None
         return t["W"], t["H"]
     raise typer.BadParameter(f"{path}: expected a .npz or .safetensors file", param_hint="--layer")
 

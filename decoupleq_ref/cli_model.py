@@ -34,19 +34,33 @@ def device_option() -> typer.Option:
                         "sees one, else cpu), cpu, cuda or cuda:N; the layer solver's is --backend")
 
 
+#: Commands whose finished units are kept, so that the same command resumes them.
+RESUMABLE = ("quantize_cmd", "run_cmd", "demo_cmd")
+#: What to do about a disk error, by errno.
+DISK_HINTS = {errno.ENOSPC: "disk full: free space or choose another --out",
+              errno.EDQUOT: "disk quota exceeded: free space or choose another --out",
+              errno.EFBIG: "file too large for this file system: choose an --out on one that allows large files"}
+
+
 def friendly_errors(command: Callable) -> Callable:
-    """Bad input (ValueError) → typer usage error naming the argument; disk errors → one clear line
-    and exit 1. Never a deep traceback for the user's mistakes."""
+    """Bad input (ValueError) → typer usage error naming the argument (exit 2); disk errors and
+    running out of memory → one clear line and exit 1; Ctrl-C → one line and exit 130. Never a
+    deep traceback for the user's mistakes or the machine's limits."""
+    resumable = command.__name__ in RESUMABLE
+    kept = "; finished layers and blocks are kept and the same command resumes the run" if resumable else ""
+
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
         try:
             return command(*args, **kwargs)
         except ValueError as e:
             raise typer.BadParameter(str(e)) from None
+        except KeyboardInterrupt:
+            typer.echo(f"interrupted{kept or '; nothing was kept: run the command again'}", err=True)
+            raise typer.Exit(130) from None
         except OSError as e:
-            hint = " (disk full: free space or choose another --out; finished layers are kept and a re-run resumes)" \
-                if e.errno == errno.ENOSPC else ""
-            typer.echo(f"error: {e}{hint}", err=True)
+            hint = DISK_HINTS.get(e.errno)
+            typer.echo(f"error: {e}" + (f" ({hint}{kept})" if hint else kept), err=True)
             raise typer.Exit(1) from None
         except (MemoryError, RuntimeError) as e:
             # torch.cuda.OutOfMemoryError is a RuntimeError; matched by name so this module needs no torch
@@ -115,7 +129,9 @@ def calibrate_cmd(
     device: str = device_option(),
 ) -> None:
     """Run the float model on random text windows; store H = XᵀX/N (float64) for every linear."""
+    from .model.atomic import remove_stale_temps
     from .model.calibrate import calibrate
+    from .model.lock import FolderLock
     from .model.text import text_sha256
     from .model.torch_model import load_model, torch_device
 
@@ -123,10 +139,14 @@ def calibrate_cmd(
     where = torch_device(device)
     net, tokenizer = load_model(source, device=where)
     windows = text_windows(tokenizer, text, nsamples, seqlen, seed)
-    info = {"model": source.describe(), "text_sha256": text_sha256(text), "nsamples": nsamples,
-            "seqlen": seqlen, "seed": seed, "device": where.type}
-    stats = calibrate(net, windows, info)
-    stats.save(out)
+    info = {"model": source.describe(), "model_fingerprint": source.fingerprint(), "text_sha256": text_sha256(text),
+            "nsamples": nsamples, "seqlen": seqlen, "seed": seed, "device": where.type}
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out: {out} is a file; pass a folder for the statistics")
+    with FolderLock(out):
+        stats = calibrate(net, windows, info)
+        remove_stale_temps(out)  # a killed calibrate's half-written files
+        stats.save(out)
     log(f"wrote H for {len(stats.layers)} linears ({stats.info['tokens']} tokens) to {out}")
 
 
@@ -151,6 +171,8 @@ def quantize_cmd(
                                           "default: all cluster CPUs)"),
     ray_address: Optional[str] = typer.Option(None, help="ray: 'auto' or ray://host:port of a running "
                                               "cluster; default: start a local one"),
+    allow_other_stats: bool = typer.Option(False, help="use --stats recorded for another model (other weights, "
+                                           "same shapes) with a warning instead of refusing them"),
 ) -> None:
     """Solve every calibrated linear layer-wise and write the checkpoint. Never imports torch."""
     from .model.quantize import quantize_model
@@ -162,7 +184,8 @@ def quantize_cmd(
     calib = CalibrationStats.load(stats)
     t0 = time.perf_counter()
     config = quantize_model(source, calib, cfg, solve, backend_name, out, overwrite, stats_dir=stats,
-                            executor=executor, workers=workers, ray_address=ray_address)
+                            executor=executor, workers=workers, ray_address=ray_address,
+                            allow_other_stats=allow_other_stats)
     total = sum(v["loss"] for v in config["layers"].values())
     log(f"wrote {out}: {len(config['layers'])} layers, total loss {total:.6g}, {time.perf_counter() - t0:.0f}s")
 
@@ -174,7 +197,7 @@ def run_pipeline(source: ModelSource, text: Path, nsamples: int, seqlen: int, se
     from .model.checkpoint import CheckpointWriter, finished_with
     from .model.quantize import checkpoint_header
     from .model.sequential import run_model
-    from .model.text import text_sha256
+    from .model.text import check_seqlen, text_sha256
     from .model.torch_model import load_model, torch_device
 
     if block_epochs < 0 or block_lr < 0:
@@ -192,9 +215,10 @@ def run_pipeline(source: ModelSource, text: Path, nsamples: int, seqlen: int, se
         log(f"{out} is already a finished checkpoint of this command; nothing to do")
         return done
     net, tokenizer = load_model(source, causal=True, device=where)
+    check_seqlen(net.config, seqlen)
     windows = text_windows(tokenizer, text, nsamples, seqlen, seed, text_option)
-    writer = CheckpointWriter(out, header, overwrite)
-    return run_model(net, windows, cfg, solve, writer, block_epochs if block_lr > 0 else 0, block_lr, seed)
+    with CheckpointWriter(out, header, overwrite) as writer:
+        return run_model(net, windows, cfg, solve, writer, block_epochs if block_lr > 0 else 0, block_lr, seed)
 
 
 @app.command("run")
@@ -234,12 +258,16 @@ def eval_pipeline(source: ModelSource, quantized: Optional[Path], text: Path, se
                   max_tokens: Optional[int], text_option: str = "--text", packed: bool = False,
                   device: str = "auto") -> dict:
     """Perplexity of the float model, or of the checkpoint with its KL divergence to the float model."""
+    from .model.checkpoint import checkpoint_config
     from .model.evaluate import evaluate
-    from .model.text import consecutive_windows, token_ids
+    from .model.text import check_seqlen, consecutive_windows, token_ids
     from .model.torch_model import load_model, load_quantized, torch_device
 
     where = torch_device(device)
+    if quantized is not None:  # a wrong --quantized fails before the model is loaded
+        checkpoint_config(quantized)
     fp, tokenizer = load_model(source, causal=True, device=where)
+    check_seqlen(fp.config, seqlen)
     windows = consecutive_windows(token_ids(tokenizer, text, text_option), seqlen, max_tokens)
     result = {"model": source.describe(), "text": str(text), "device": where.type}
     if quantized is None:

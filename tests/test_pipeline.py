@@ -157,14 +157,14 @@ class Interrupt(BaseException):
     """Stands for a kill: not an Exception, so nothing on the way catches it."""
 
 
-def interrupting_solver(after: int):
+def interrupting_solver(after: int, error: type[BaseException] = Interrupt):
     from decoupleq_ref.backends import get_solver
 
     solve, calls = get_solver("numpy"), []
 
     def wrapped(W, H, cfg):
         if len(calls) == after:
-            raise Interrupt
+            raise error
         calls.append(1)
         return solve(W, H, cfg)
     return wrapped

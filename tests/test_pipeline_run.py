@@ -13,7 +13,7 @@ pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
 from decoupleq_ref.cli import app  # noqa: E402
-from decoupleq_ref.model.checkpoint import CONFIG_NAME, PARTIAL, read_checkpoint  # noqa: E402
+from decoupleq_ref.model.checkpoint import CONFIG_NAME, PARTIAL, read_checkpoint, unit_file  # noqa: E402
 from decoupleq_ref.model.tiny import save_tiny  # noqa: E402
 from test_pipeline import Interrupt, cli, flat, interrupting_solver, runner, text, tree_bytes  # noqa: E402,F401
 
@@ -83,7 +83,7 @@ def test_run_resume_is_byte_identical(llama, text, tmp_path, monkeypatch):
         with pytest.raises(Interrupt):
             runner.invoke(app, [str(a) for a in (*args, "--out", tmp_path / "cut")], catch_exceptions=False)
     assert not (tmp_path / "cut" / CONFIG_NAME).exists()
-    assert [p.name for p in (tmp_path / "cut" / PARTIAL).glob("*.safetensors")] == ["block.0000.safetensors"]
+    assert [p.name for p in (tmp_path / "cut" / PARTIAL).glob("*.safetensors")] == [unit_file("block.0000")]
     cli(*args, "--out", tmp_path / "cut")
     assert tree_bytes(tmp_path / "cut") == tree_bytes(tmp_path / "ref")
     res = cli(*args, "--out", tmp_path / "cut")  # repeated: nothing to do, nothing changed
@@ -176,7 +176,7 @@ def test_out_of_memory_is_a_clear_error_and_resumable(llama, text, tmp_path, mon
         res = cli(*args, ok=False)
         assert res.exit_code == 1 and shown in flat(res.output) and "--nsamples" in flat(res.output), res.output
         assert not (tmp_path / "q" / CONFIG_NAME).exists()
-        assert [p.name for p in (tmp_path / "q" / PARTIAL).glob("*.safetensors")] == ["block.0000.safetensors"]
+        assert [p.name for p in (tmp_path / "q" / PARTIAL).glob("*.safetensors")] == [unit_file("block.0000")]
     monkeypatch.setattr(seq, "train_block", lambda *a, **kw: (_ for _ in ()).throw(RuntimeError("a bug")))
     with pytest.raises(RuntimeError, match="a bug"):
         runner.invoke(app, [str(a) for a in args], catch_exceptions=False)

@@ -8,6 +8,7 @@ from torch import nn
 
 from .progress import progress_bar
 from .stats import CalibrationStats
+from .text import check_seqlen
 from .torch_model import find_linears, is_conv1d, model_device
 
 
@@ -60,10 +61,7 @@ def run_windows(model: nn.Module, windows: np.ndarray, description: str) -> None
 
 def calibrate(model: nn.Module, windows: np.ndarray, info: dict) -> CalibrationStats:
     """Run the float model on ``windows`` (n, seqlen) and collect H for every linear."""
-    seq_limit = getattr(model.config, "max_position_embeddings", None)
-    if seq_limit and windows.shape[1] > seq_limit:
-        raise ValueError(f"--seqlen: {windows.shape[1]} exceeds the model's max_position_embeddings "
-                         f"{seq_limit}; pass --seqlen {seq_limit} or less")
+    check_seqlen(model.config, windows.shape[1])
     layers = find_linears(model)
     if not layers:
         raise ValueError("MODEL: no nn.Linear or Conv1D layer to quantize in this architecture")

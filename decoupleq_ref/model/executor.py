@@ -14,7 +14,6 @@ float64 inputs (tests/test_executor.py checks the checkpoints byte for byte).
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
@@ -28,7 +27,9 @@ import numpy as np
 from ..backends import get_solver
 from ..config import QuantConfig
 from .checkpoint import stored_layer
-from .stats import layer_weight
+from .safefiles import expect, read_json, read_safetensors, safetensors_header
+from .stats import HESSIANS_NAME, StoredHessians, layer_weight
+from .weights import RESAVE, model_files
 
 EXECUTORS: tuple[str, ...] = ("local", "ray")
 RAY_INSTALL = 'pip install "decoupleq-ref[ray]"'
@@ -61,10 +62,7 @@ class LayerOutcome:
 
 def read_hessian(stats_folder: str | Path, name: str) -> np.ndarray:
     """H of one layer from ``hessians.safetensors`` (memory-mapped: only this tensor is read)."""
-    from safetensors import safe_open
-
-    with safe_open(str(Path(stats_folder) / "hessians.safetensors"), framework="numpy") as f:
-        return f.get_tensor(name)
+    return StoredHessians(Path(stats_folder) / HESSIANS_NAME, [name])[name]
 
 
 def read_weight(model: str | Path, key: str) -> np.ndarray:
@@ -72,26 +70,37 @@ def read_weight(model: str | Path, key: str) -> np.ndarray:
     path = Path(model)
     if path.suffix == ".gguf":
         return _read_gguf_tensor(path, key)
-    from safetensors import safe_open
-
-    index = path / "model.safetensors.index.json"
-    weight_map = json.loads(index.read_text()).get("weight_map", {}) if index.exists() else {}
-    files = [path / weight_map[key]] if key in weight_map else sorted(path.glob("*.safetensors"))
-    for file in files:
-        with safe_open(str(file), framework="numpy") as f:
-            if key in f.keys():
-                arr = f.get_tensor(key)
-                return arr.astype(np.float32) if arr.dtype.kind == "f" else arr
+    shard = shard_file(path, key) if (path / INDEX_NAME).exists() else None
+    for file in [shard] if shard is not None else model_files(path):
+        if key in safetensors_header(file, "MODEL", RESAVE)[0]:
+            arr = read_safetensors(file, "MODEL", RESAVE, names=[key])[0][key]
+            return arr.astype(np.float32) if arr.dtype.kind == "f" else arr
     raise ValueError(f"MODEL: {path} has no tensor {key}")
+
+
+INDEX_NAME = "model.safetensors.index.json"
+
+
+def shard_file(folder: Path, key: str) -> Path | None:
+    """The shard that model.safetensors.index.json names for ``key`` (None when it names none).
+    The index is a file from outside: a shard name must be a plain *.safetensors file name in the
+    model's folder, never a path."""
+    index = folder / INDEX_NAME
+    weight_map = read_json(index, "MODEL", RESAVE).get("weight_map", {})
+    shard = weight_map.get(key) if isinstance(weight_map, dict) else None
+    if shard is None:
+        return None
+    expect(isinstance(shard, str) and shard == Path(shard).name and shard.endswith(".safetensors")
+           and not shard.startswith("."), "MODEL", index, f"names the shard {str(shard)[:80]!r} for {key}, "
+           "not a *.safetensors file name in the model's folder", RESAVE)
+    return folder / shard
 
 
 def _read_gguf_tensor(path: Path, key: str) -> np.ndarray:
     """The GGUF tensor whose HF name is ``key``, converted as weights.read_gguf_weights does."""
-    from gguf import GGUFReader
+    from .weights import gguf_heads, gguf_tensor_array, gguf_to_hf_name, open_gguf
 
-    from .weights import gguf_heads, gguf_tensor_array, gguf_to_hf_name
-
-    reader = GGUFReader(str(path))
+    reader = open_gguf(path)
     n_head, n_kv = gguf_heads(reader)
     for t in reader.tensors:
         if gguf_to_hf_name(t.name) == key:

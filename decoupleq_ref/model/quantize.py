@@ -16,8 +16,8 @@ from .checkpoint import CheckpointWriter, finished_with, stored_layer
 from .executor import EXECUTORS, LayerOutcome, LayerTask, run_tasks
 from .progress import log, progress_bar
 from .source import ModelSource
-from .stats import CalibrationStats, layer_weight
-from .weights import read_weights
+from .stats import CalibrationStats, check_layer_shape, layer_weight
+from .weights import read_weights, weight_shapes
 
 
 def checkpoint_header(command: str, source: ModelSource, cfg: QuantConfig, backend: str, calibration: dict) -> dict:
@@ -29,14 +29,19 @@ def checkpoint_header(command: str, source: ModelSource, cfg: QuantConfig, backe
 
 def quantize_model(source: ModelSource, stats: CalibrationStats, cfg: QuantConfig, solve: Solver, backend: str,
                    out: Path, overwrite: bool = False, *, stats_dir: Path | None = None, executor: str = "local",
-                   workers: int | None = None, ray_address: str | None = None) -> dict:
+                   workers: int | None = None, ray_address: str | None = None, allow_other_stats: bool = False
+                   ) -> dict:
     """Solve every layer of ``stats`` on the model's weights; write the checkpoint to ``out``.
     Returns the checkpoint config (per-layer losses included).
 
     ``executor``/``workers``/``ray_address`` choose where the solves run (executor.py): with
     ``stats_dir`` given, ``local`` with workers > 1 and ``ray`` send one task per layer that reads
     its own W and H; otherwise layers are solved here with ``solve``. Either way each finished
-    layer is committed at once, and the checkpoint does not depend on the executor."""
+    layer is committed at once, and the checkpoint does not depend on the executor.
+
+    Before anything is written: the stats must be this model's (check_stats_model; ``allow_other_stats``
+    turns the refusal into a warning) and every layer's shape in the model's file headers must be
+    the stats' (no weight is read before that)."""
     header = checkpoint_header("quantize", source, cfg, backend, stats.info)
     done = None if overwrite else finished_with(out, header)
     if done is not None:
@@ -44,10 +49,45 @@ def quantize_model(source: ModelSource, stats: CalibrationStats, cfg: QuantConfi
         return done
     if executor not in EXECUTORS:
         raise ValueError(f"--executor: unknown executor {executor!r}; choose one of {EXECUTORS}")
-    writer = CheckpointWriter(out, header, overwrite)
+    shapes = weight_shapes(source)  # from file headers: nothing is read before every layer fits
+    check_stats_model(source, stats, stats_dir, allow_other_stats)
+    for n, layer in stats.layers.items():
+        check_layer_shape(shapes.get(f"{n}.weight"), n, layer, stats_json(stats_dir))
+    with CheckpointWriter(out, header, overwrite) as writer:
+        return solve_all(writer, source, stats, cfg, solve, backend, stats_dir, executor, workers, ray_address)
+
+
+def check_stats_model(source: ModelSource, stats: CalibrationStats, stats_dir: Path | None, allow: bool) -> None:
+    """The stats were recorded for this model (stats.json's model_fingerprint, source.fingerprint):
+    ValueError naming --stats when not, unless ``allow`` (then a warning); a warning when the stats
+    record no fingerprint (an older calibrate)."""
+    where = stats_json(stats_dir)
+    recorded = stats.info.get("model_fingerprint")
+    if recorded is None:
+        log(f"warning: {where} records no model fingerprint (an older calibrate); cannot check that it was "
+            "recorded for this MODEL")
+        return
+    if recorded == source.fingerprint():
+        return
+    what = (f"--stats: {where} was recorded for another model ({stats.info.get('model', '?')}: other weights "
+            f"than MODEL {source.describe()})")
+    if not allow:
+        raise ValueError(f"{what}; re-run calibrate on this MODEL, or pass --allow-other-stats to use them anyway")
+    log(f"warning: {what}; used anyway (--allow-other-stats)")
+
+
+def stats_json(stats_dir: Path | None) -> object:
+    """How messages name the stats: their stats.json when the folder is known."""
+    return Path(stats_dir) / "stats.json" if stats_dir is not None else "the stats"
+
+
+def solve_all(writer: CheckpointWriter, source: ModelSource, stats: CalibrationStats, cfg: QuantConfig,
+              solve: Solver, backend: str, stats_dir: Path | None, executor: str, workers: int | None,
+              ray_address: str | None) -> dict:
+    """Solve the layers ``writer`` does not hold yet, commit each, then finalize the checkpoint."""
     weights = read_weights(source)
     names = list(stats.layers)
-    Ws = {n: layer_weight(weights, n, stats.layers[n]) for n in names}  # check all before solving
+    Ws = {n: layer_weight(weights, n, stats.layers[n]) for n in names}
     todo = [n for n in names if not writer.done(n)]
     if stats_dir is not None and (executor == "ray" or (workers or 1) > 1):
         tasks = [LayerTask(n, str(source.path), str(stats_dir), stats.layers[n], cfg.to_dict(), backend) for n in todo]

@@ -42,6 +42,16 @@ class ModelSource:
     def describe(self) -> str:
         return str(self.path)
 
+    def fingerprint(self) -> str:
+        """Identity of the model's weights (safefiles.file_fingerprint of its weight files: the GGUF,
+        else the *.safetensors files, else the *.bin ones): recorded by calibrate, compared by
+        quantize, so statistics of another model with the same shapes are not used silently."""
+        from .safefiles import file_fingerprint
+
+        if self.is_gguf:
+            return file_fingerprint([self.path])
+        return file_fingerprint(list(self.folder.glob("*.safetensors")) or list(self.folder.glob("*.bin")))
+
 
 def cache_dir() -> Path:
     return Path(os.environ.get("DECOUPLEQ_CACHE", Path.home() / ".cache" / "decoupleq-ref"))

@@ -17,8 +17,37 @@ def token_ids(tokenizer: object, path: Path, option: str = "--text") -> np.ndarr
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"{option}: {path} is not a file; pass a plain-text file (e.g. wikitext-2 valid.txt)")
-    text = path.read_text(encoding="utf-8", errors="replace")
+    text = decode_text(path.read_bytes(), path, option)
     return np.asarray(tokenizer(text, add_special_tokens=False).input_ids, dtype=np.int64)
+
+
+#: More bytes than this share that are not UTF-8 text: the file is not text.
+MAX_BAD_SHARE = 0.01
+
+
+def decode_text(data: bytes, path: Path, option: str = "--text") -> str:
+    """UTF-8 text of a file. A binary file (NUL bytes, or over MAX_BAD_SHARE of its bytes not
+    UTF-8) is refused; a few undecodable bytes are replaced by U+FFFD and counted in a warning."""
+    escaped = data.decode("utf-8", errors="surrogateescape")  # each undecodable byte → one U+DC80..U+DCFF
+    bad = sum(1 for c in escaped if "\udc80" <= c <= "\udcff")
+    text = data.decode("utf-8", errors="replace") if bad else escaped
+    if b"\0" in data or bad > MAX_BAD_SHARE * max(len(data), 1):
+        why = "NUL bytes" if b"\0" in data else f"{bad} of {len(data)} bytes are not UTF-8"
+        raise ValueError(f"{option}: {path} is not a text file ({why}); pass a plain-text UTF-8 file")
+    if bad:
+        from .progress import log
+
+        log(f"warning: {option}: {path}: {bad} bytes that are not UTF-8 were replaced by U+FFFD")
+    return text
+
+
+def check_seqlen(config: object, seqlen: int, option: str = "--seqlen") -> None:
+    """ValueError naming ``option`` when ``seqlen`` exceeds the model's max_position_embeddings
+    (``config``: a transformers config; models without the field are not limited here)."""
+    limit = getattr(config, "max_position_embeddings", None)
+    if limit and seqlen > limit:
+        raise ValueError(f"{option}: {seqlen} exceeds the model's max_position_embeddings {limit}; "
+                         f"pass {option} {limit} or less")
 
 
 def random_windows(ids: np.ndarray, nsamples: int, seqlen: int, seed: int) -> np.ndarray:

@@ -59,11 +59,13 @@ def save_random_stats(model: Path, folder: Path, seed: int = 0, tokens_per_input
 
     rng = np.random.default_rng(seed)
     hessians, layers = {}, {}
-    for key, W in sorted(read_weights(resolve_model(model)).items()):
+    source = resolve_model(model)
+    for key, W in sorted(read_weights(source).items()):
         if key.endswith("_proj.weight"):
             name, n_in = key[: -len(".weight")], W.shape[1]
             X = rng.standard_normal((tokens_per_input * n_in, n_in)) * rng.uniform(0.2, 2.0, n_in)
             hessians[name] = X.T @ X / len(X)
             layers[name] = {"out": W.shape[0], "in": n_in, "transposed": False}
-    CalibrationStats(hessians, layers, {"model": str(model), "tokens": 0}).save(Path(folder))
+    info = {"model": str(model), "model_fingerprint": source.fingerprint(), "tokens": 0}
+    CalibrationStats(hessians, layers, info).save(Path(folder))
     return Path(folder)

@@ -103,10 +103,25 @@ def load_model(source: ModelSource, causal: bool = False, device: torch.device |
     except (OSError, ValueError, KeyError) as e:
         raise ValueError(f"MODEL: cannot load {source.describe()} as {cls.__name__} ({e}); "
                          "unsupported architecture or damaged files") from None
+    except Exception as e:  # noqa: BLE001 — only the weight-file failures below, re-raised otherwise
+        if not unreadable_weights(e):
+            raise
+        raise ValueError(f"MODEL: the weight files in {source.describe()} cannot be read ({type(e).__name__}: "
+                         f"{' '.join(str(e).split())[:160]}); re-download the model, or re-save it with "
+                         "save_pretrained(..., safe_serialization=True)") from None
     if causal and model.get_output_embeddings() is None:
         raise ValueError(f"MODEL: {source.describe()} is a {type(model).__name__}, not a causal language "
                          "model; this command needs next-token logits (calibrate + quantize work for it)")
     return model.to(device).eval(), tokenizer
+
+
+def unreadable_weights(e: Exception) -> bool:
+    """A damaged or refused weight file: a pickled .bin torch's safe unpickler rejects, a truncated
+    zip archive, a SafetensorError (none of them an OSError)."""
+    import pickle
+
+    return (isinstance(e, (pickle.UnpicklingError, EOFError)) or type(e).__name__ == "SafetensorError"
+            or (isinstance(e, RuntimeError) and "PytorchStreamReader" in str(e)))
 
 
 def is_conv1d(module: nn.Module) -> bool:

@@ -11,10 +11,12 @@
 from __future__ import annotations
 
 import re
+import struct
 from pathlib import Path
 
 import numpy as np
 
+from .safefiles import one_line, read_safetensors, safetensors_header
 from .source import ModelSource
 
 #: GGUF tensor name (within ``blk.N.``) → HF module path within ``model.layers.N.``
@@ -56,9 +58,7 @@ def gguf_field(reader: object, key: str) -> object:
 
 def read_gguf_weights(path: Path) -> dict[str, np.ndarray]:
     """All tensors of a Llama-family GGUF as float32 arrays with HF names and HF orientation."""
-    from gguf import GGUFReader
-
-    reader = GGUFReader(str(path))
+    reader = open_gguf(path)
     arch = gguf_field(reader, "general.architecture")
     if arch not in LLAMA_ARCHS:
         raise ValueError(f"MODEL: GGUF architecture {arch!r} is not supported by the torch-free reader "
@@ -98,24 +98,47 @@ def gguf_tensor_array(t: object, n_head: int, n_kv: int) -> np.ndarray:
     return hf_row_order(t.name, w, n_head, n_kv)
 
 
-def read_safetensors_weights(folder: Path) -> dict[str, np.ndarray]:
-    """All tensors of a HF directory's *.safetensors files (float tensors as float32)."""
-    from safetensors import safe_open
+#: What a user does about a damaged model file.
+RESAVE = "re-download the model, or re-save it with save_pretrained(..., safe_serialization=True)"
 
+
+def model_files(folder: Path) -> list[Path]:
+    """The *.safetensors files of a HF directory; ValueError with the fix when there are none."""
     files = sorted(folder.glob("*.safetensors"))
     if not files:
         raise ValueError(f"MODEL: {folder} has no *.safetensors file (pickled .bin weights are not read); "
                          "re-save the model with save_pretrained(..., safe_serialization=True)")
+    return files
+
+
+def open_gguf(path: Path) -> object:
+    """GGUFReader of ``path``; ValueError naming MODEL for a file the gguf package cannot parse."""
+    from gguf import GGUFReader
+
+    try:
+        return GGUFReader(str(path))
+    except (ValueError, OSError, KeyError, IndexError, TypeError, struct.error) as e:
+        raise ValueError(f"MODEL: {path} is not a readable GGUF file ({one_line(e)}); re-download it") from None
+
+
+def weight_shapes(source: ModelSource) -> dict[str, tuple[int, ...]]:
+    """Every tensor's shape under its HF name, from file headers only (no tensor data is read)."""
+    if source.is_gguf:
+        reader = open_gguf(source.path)
+        return {name: tuple(reversed(t.shape.tolist())) for t in reader.tensors
+                if (name := gguf_to_hf_name(t.name)) is not None}
+    shapes: dict[str, tuple[int, ...]] = {}
+    for f in model_files(source.folder):
+        shapes.update({k: tuple(v["shape"]) for k, v in safetensors_header(f, "MODEL", RESAVE)[0].items()})
+    return shapes
+
+
+def read_safetensors_weights(folder: Path) -> dict[str, np.ndarray]:
+    """All tensors of a HF directory's *.safetensors files (float tensors as float32)."""
     out: dict[str, np.ndarray] = {}
-    for f in files:
-        with safe_open(str(f), framework="numpy") as st:
-            for k in st.keys():
-                try:
-                    arr = st.get_tensor(k)
-                except TypeError as e:  # bf16 has no numpy dtype
-                    raise ValueError(f"MODEL: tensor {k} in {f.name} has a dtype numpy cannot read ({e}); "
-                                     "re-save the model in float32 or float16") from None
-                out[k] = arr.astype(np.float32) if arr.dtype.kind == "f" else arr
+    for f in model_files(folder):
+        tensors, _ = read_safetensors(f, "MODEL", RESAVE)
+        out.update({k: arr.astype(np.float32) if arr.dtype.kind == "f" else arr for k, arr in tensors.items()})
     return out
 
 
