@@ -27,8 +27,8 @@ from .format import QuantResult
 from .objective import damping
 
 #: GPTQ's Cholesky of H_d + f·mean(diag H_d)·I is tried at f = damp, then (damp < PSD_SHIFT only)
-#: at f = PSD_SHIFT. A PSD H always factors by then (smallest eigenvalue ≥ 1 % of the mean
-#: diagonal, far above rounding); a failure there is a certificate that H is not PSD.
+#: at f = PSD_SHIFT. For a PSD H_d the shifted matrix's smallest eigenvalue is then ≥ 1 % of the
+#: mean diagonal, far above rounding, so a failure there certifies that H_d is not PSD.
 PSD_SHIFT = 0.01
 
 #: Magnitudes solved as they are: max |W| and max diag H inside these bands cannot overflow or

@@ -291,6 +291,7 @@ sys.exit(pytest.main(["-q", "-p", "no:cacheprovider", "-rs", "-k", "cuda", sys.a
 """
 
 
+@pytest.mark.slow  # ~1 min: every solve of the cuda cases runs as simulated Python threads
 @pytest.mark.skipif(importlib.util.find_spec("numba_cuda") is None,
                     reason='numba-cuda is not installed: pip install -e ".[cuda]"')
 @pytest.mark.skipif(os.environ.get("NUMBA_ENABLE_CUDASIM") == "1", reason="already in the simulator")
