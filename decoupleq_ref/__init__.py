@@ -9,6 +9,7 @@ from .float_step import closed_form_scale_zero
 from .format import QuantResult, dequantize, dequantize_parts, n_groups
 from .init import init_scale_zero, minmax_scale_zero, quantize_rtn
 from .integer_step import gptq_round, integer_step, relax_box
+from .layer_input import HessianNotPSD, project_psd
 from .matmul import PackedLayer, matmul
 from .objective import damp_hessian, layer_loss, row_losses
 from .packing import pack, packed_row_bytes, unpack
@@ -18,8 +19,8 @@ from .synthetic import synthetic_layer
 __version__ = "0.1.0"
 
 __all__ = [
-    "METHODS", "PackedLayer", "QuantConfig", "QuantResult", "closed_form_scale_zero", "damp_hessian",
+    "HessianNotPSD", "METHODS", "PackedLayer", "QuantConfig", "QuantResult", "closed_form_scale_zero", "damp_hessian",
     "dequantize", "dequantize_parts", "gptq_round", "init_scale_zero", "integer_step", "layer_loss",
-    "matmul", "minmax_scale_zero", "n_groups", "pack", "packed_row_bytes", "quantize_layer",
+    "matmul", "minmax_scale_zero", "n_groups", "pack", "packed_row_bytes", "project_psd", "quantize_layer",
     "quantize_rtn", "relax_box", "row_losses", "synthetic_layer", "unpack",
 ]

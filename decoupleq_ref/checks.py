@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from .config import is_int
+
 
 def as_float_matrix(x: object, name: str, finite: bool = True) -> np.ndarray:
     """Return ``x`` as a non-empty 2-D float64 array (finite unless ``finite=False``) or raise
@@ -48,8 +50,12 @@ def check_layer(W: object, H: object, group_size: int, symmetric_tol: float = 1e
         raise ValueError("H: has negative diagonal entries, so it is not positive semi-definite")
     check_group_size(group_size, W.shape[1])
     Hs = H.copy()  # (H + Hᵀ)/2 bit for bit, without (in, in) temporaries besides the result
-    Hs += H.T
-    Hs *= 0.5
+    if scale < 2.0**1022:
+        Hs += H.T
+        Hs *= 0.5
+    else:  # H + Hᵀ would overflow; halving first gives the same bits (powers of two are exact)
+        Hs *= 0.5
+        Hs += 0.5 * H.T
     return W, Hs
 
 
@@ -59,6 +65,9 @@ def max_asymmetry(H: np.ndarray, rows: int = 256) -> float:
 
 
 def check_group_size(group_size: int, n_in: int) -> None:
+    if not is_int(group_size) or not (group_size == -1 or group_size >= 1):
+        raise ValueError(f"group_size: must be -1 (per-channel) or a positive integer (not a bool), "
+                         f"got {group_size!r}")
     if group_size != -1 and n_in % group_size != 0:
         divisors = [d for d in (32, 64, 128, 256) if n_in % d == 0]
         raise ValueError(
@@ -68,6 +77,6 @@ def check_group_size(group_size: int, n_in: int) -> None:
 
 
 def check_bits(bits: object) -> int:
-    if not isinstance(bits, (int, np.integer)) or isinstance(bits, bool) or not 1 <= int(bits) <= 8:
+    if not is_int(bits) or not 1 <= int(bits) <= 8:
         raise ValueError(f"bits: must be an integer in 1..8, got {bits!r}")
     return int(bits)

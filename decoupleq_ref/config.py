@@ -8,8 +8,11 @@ docs/ALGORITHM.md explains each default.
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
+
+import numpy as np
 
 Method = Literal["rtn", "gptq", "decoupleq"]
 METHODS: tuple[str, ...] = ("rtn", "gptq", "decoupleq")
@@ -20,6 +23,17 @@ HP_SELECT: tuple[str, ...] = ("hessian", "obs", "magnitude", "error")
 #: loss lands at the global optimum in >80 % of rows (p90 1.21×), on SmolLM2 layers about 0.85×
 #: the official-settings objective, for ~6× its solve time (BENCHMARKS.md §2).
 IMPROVED: dict[str, Any] = {"refine_sweeps": 3, "n_starts": 8}
+
+
+def is_int(x: object) -> bool:
+    """An integer, Python or numpy, but not a bool (True is not 1 bit)."""
+    return isinstance(x, (int, np.integer)) and not isinstance(x, (bool, np.bool_))
+
+
+def is_real(x: object) -> bool:
+    """A finite real number, Python or numpy, but not a bool."""
+    return (isinstance(x, (int, float, np.integer, np.floating)) and not isinstance(x, (bool, np.bool_))
+            and math.isfinite(x))
 
 
 @dataclass(frozen=True)
@@ -76,39 +90,46 @@ class QuantConfig:
     hp_select: str = "hessian"
 
     def __post_init__(self) -> None:
+        for name, kind in _FIELD_KINDS.items():  # numpy scalars become Python ones (JSON, hashing)
+            value = getattr(self, name)
+            if kind == "int" and is_int(value):
+                object.__setattr__(self, name, int(value))
+            elif kind == "bool" and isinstance(value, (bool, np.bool_)):
+                object.__setattr__(self, name, bool(value))
+            elif kind == "real" and is_real(value):
+                object.__setattr__(self, name, float(value))
+            elif kind in ("int", "bool", "real"):
+                allowed = {"int": "an integer (not a bool)", "bool": "True or False (not a string or number)",
+                           "real": "a finite number (not a bool or string)"}[kind]
+                raise ValueError(f"QuantConfig.{name}: must be {allowed}, got {value!r} ({type(value).__name__})")
+
         def need(ok: bool, name: str, msg: str) -> None:
             if not ok:
                 raise ValueError(f"QuantConfig.{name}: {msg}")
 
-        need(isinstance(self.bits, int) and 1 <= self.bits <= 8, "bits",
-             f"must be an integer in 1..8, got {self.bits!r}")
-        need(isinstance(self.group_size, int) and (self.group_size == -1 or self.group_size >= 1),
+        need(1 <= self.bits <= 8, "bits", f"must be an integer in 1..8, got {self.bits!r}")
+        need(self.group_size == -1 or self.group_size >= 1,
              "group_size", f"must be -1 (per-channel) or a positive integer, got {self.group_size!r}")
-        need(self.method in METHODS, "method", f"must be one of {METHODS}, got {self.method!r}")
-        need(isinstance(self.iters, int) and self.iters >= 0, "iters",
-             f"must be a non-negative integer, got {self.iters!r}")
-        need(isinstance(self.damp, (int, float)) and 0 <= self.damp < 1e6, "damp",
-             f"must be a non-negative number, got {self.damp!r}")
-        need(isinstance(self.grid, int) and self.grid >= 0, "grid",
-             f"must be a non-negative integer, got {self.grid!r}")
+        need(isinstance(self.method, str) and self.method in METHODS, "method",
+             f"must be one of {METHODS}, got {self.method!r}")
+        need(self.iters >= 0, "iters", f"must be a non-negative integer, got {self.iters!r}")
+        need(0 <= self.damp < 1e6, "damp", f"must be a number in [0, 1e6), got {self.damp!r}")
+        need(self.grid >= 0, "grid", f"must be a non-negative integer, got {self.grid!r}")
         need(0 <= self.max_shrink < 1, "max_shrink", f"must be in [0, 1), got {self.max_shrink!r}")
-        need(isinstance(self.relax_iters, int) and self.relax_iters >= 0, "relax_iters",
-             f"must be a non-negative integer, got {self.relax_iters!r}")
+        need(self.relax_iters >= 0, "relax_iters", f"must be a non-negative integer, got {self.relax_iters!r}")
         need(self.relax_lr > 0, "relax_lr", f"must be positive, got {self.relax_lr!r}")
-        need(isinstance(self.refine_sweeps, int) and self.refine_sweeps >= 0, "refine_sweeps",
+        need(self.refine_sweeps >= 0, "refine_sweeps",
              f"must be a non-negative integer, got {self.refine_sweeps!r}")
-        need(isinstance(self.refine_rounds, int) and self.refine_rounds >= 0, "refine_rounds",
+        need(self.refine_rounds >= 0, "refine_rounds",
              f"must be a non-negative integer, got {self.refine_rounds!r}")
-        need(isinstance(self.n_starts, int) and self.n_starts >= 1, "n_starts",
-             f"must be a positive integer, got {self.n_starts!r}")
-        need(isinstance(self.block_size, int) and self.block_size >= 1, "block_size",
-             f"must be a positive integer, got {self.block_size!r}")
+        need(self.n_starts >= 1, "n_starts", f"must be a positive integer, got {self.n_starts!r}")
+        need(self.block_size >= 1, "block_size", f"must be a positive integer, got {self.block_size!r}")
         need(0 <= self.min_improvement <= 1, "min_improvement",
              f"must be in [0, 1], got {self.min_improvement!r}")
-        need(isinstance(self.hp_channels, int) and not isinstance(self.hp_channels, bool)
-             and self.hp_channels >= 0, "hp_channels",
+        need(self.hp_channels >= 0, "hp_channels",
              f"must be a non-negative integer (0 = no fp16 branch), got {self.hp_channels!r}")
-        need(self.hp_select in HP_SELECT, "hp_select", f"must be one of {HP_SELECT}, got {self.hp_select!r}")
+        need(isinstance(self.hp_select, str) and self.hp_select in HP_SELECT, "hp_select",
+             f"must be one of {HP_SELECT}, got {self.hp_select!r}")
         need(not (self.hp_channels and self.lower_bound), "lower_bound",
              "the certified bound does not cover the fp16 branch; set lower_bound=False or hp_channels=0")
 
@@ -132,3 +153,13 @@ class QuantConfig:
         if unknown:
             raise ValueError(f"config: unknown field(s) {unknown}; known: {sorted(cls().to_dict())}")
         return cls(**known)
+
+
+#: The type each QuantConfig field must have ("str" fields are checked against their choices).
+_FIELD_KINDS: dict[str, str] = {
+    "bits": "int", "group_size": "int", "method": "str", "iters": "int", "symmetric": "bool",
+    "damp": "real", "grid": "int", "max_shrink": "real", "act_order": "bool", "relax_iters": "int",
+    "relax_lr": "real", "refine_sweeps": "int", "refine_rounds": "int", "n_starts": "int",
+    "lower_bound": "bool", "block_size": "int", "min_improvement": "real", "seed": "int",
+    "hp_channels": "int", "hp_select": "str",
+}

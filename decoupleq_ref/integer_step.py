@@ -13,6 +13,7 @@ import scipy.linalg
 
 from .format import expand_groups
 from .init import round_half_up, safe_div
+from .layer_input import certify_factor, not_psd, psd_shifts
 
 
 def box_bounds(scale_e: np.ndarray, zero_e: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray]:
@@ -54,20 +55,21 @@ def inverse_cholesky_upper(H: np.ndarray, damp: float) -> np.ndarray:
     """Upper Cholesky factor U of (H + λI)⁻¹, U ᵀU = (H + λI)⁻¹, λ = damp·mean(diag H).
 
     GPTQ adds this damping on top of the objective's (as the official code does); if the
-    factorisation still fails λ grows ×10 up to 100·mean(diag H).
+    factorisation fails with damp < 1 %, λ becomes 1 %·mean(diag H) (a singular PSD H at
+    damp = 0). A failure after that is a certificate that H is not PSD: HessianNotPSD.
     """
     n = H.shape[0]
     mean_diag = float(np.mean(np.diag(H))) or 1.0
-    for factor in sorted({damp, 0.01, 0.1, 1.0, 10.0, 100.0}):
-        if factor < damp:
-            continue
+    for factor in psd_shifts(damp):
         try:
             L = scipy.linalg.cholesky(H + factor * mean_diag * np.eye(n), lower=True)
             Hinv = scipy.linalg.cho_solve((L, True), np.eye(n))
-            return scipy.linalg.cholesky(Hinv, lower=False)
+            U = scipy.linalg.cholesky(Hinv, lower=False)
         except np.linalg.LinAlgError:
             continue
-    raise np.linalg.LinAlgError("H: not positive definite even after damping by 100·mean(diag H)")
+        certify_factor(U.__matmul__, U.T.__matmul__, n, factor * mean_diag)
+        return U
+    raise not_psd(f"GPTQ's Cholesky of the damped H + {factor * mean_diag:.3g}·I failed")
 
 
 def gptq_factor(H: np.ndarray, act_order: bool, damp: float) -> tuple[np.ndarray, np.ndarray]:

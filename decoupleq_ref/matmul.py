@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .checks import as_float_matrix, check_bits, check_group_size
+from .config import is_int
 from .format import QuantResult, dequantize_parts, n_groups
 from .packing import pack, packed_row_bytes, unpack
 
@@ -32,6 +33,14 @@ class PackedLayer:
     hp_weight: np.ndarray | None = None
 
     def __post_init__(self) -> None:
+        if (not isinstance(self.shape, (tuple, list)) or len(self.shape) != 2
+                or not all(is_int(d) and d >= 1 for d in self.shape)):
+            raise ValueError(f"shape: expected (out, in), two positive integers, got {self.shape!r}")
+        for name in ("packed", "scale", "zero", "hp_index", "hp_weight"):
+            arr = getattr(self, name)
+            if not (arr is None and name.startswith("hp_")) and not isinstance(arr, np.ndarray):
+                raise ValueError(f"{name}: expected a numpy array, got {type(arr).__name__}; "
+                                 f"convert it with np.asarray(...) and the dtype the field documents")
         out, n_in = self.shape
         check_bits(self.bits)
         check_group_size(self.group_size, n_in)
@@ -41,8 +50,9 @@ class PackedLayer:
                              f"got {self.packed.dtype} {self.packed.shape}")
         for name in ("scale", "zero"):
             arr = getattr(self, name)
-            if arr.shape != (out, G):
-                raise ValueError(f"{name}: expected shape {(out, G)} (out, n_groups), got {arr.shape}")
+            if arr.shape != (out, G) or arr.dtype.kind != "f":
+                raise ValueError(f"{name}: expected a float array of shape {(out, G)} (out, n_groups), "
+                                 f"got {arr.dtype} {arr.shape}")
         self._check_branch()
 
     def _check_branch(self) -> None:

@@ -18,13 +18,13 @@ from typing import Callable
 import numpy as np
 
 from .bounds import row_lower_bound
-from .checks import check_layer
 from .config import QuantConfig
 from .float_step import closed_form_scale_zero
 from .format import QuantResult, dequantize_parts
 from .hp_branch import Branch, add_branch, branch_weight
 from .init import init_scale_zero, placement_starts, quantize_rtn
 from .integer_step import gptq_factor, integer_step
+from .layer_input import solve_layer
 from .objective import damp_hessian, damping, residual_norms, row_losses, undamped_losses
 from .refine import refine_integers, refine_profiled
 
@@ -168,10 +168,15 @@ def quantize_layer(W: np.ndarray, H: np.ndarray, cfg: QuantConfig | None = None,
     objective history on the damped H. With ``cfg.hp_channels = k`` also the fp16 branch
     (hp_index, hp_weight); the history is then that of the quantized part on the Schur-complement
     Hessian (hp_branch.py) and ``objective`` the joint one, history[-1] − λ‖Q_S − W_S‖².
-    Raises ValueError for malformed input (see checks.py). ``ops``: see ``SolverOps``.
+    Raises ValueError for malformed input, an H that is not positive semi-definite, or a layer
+    whose numbers do not fit float64 (layer_input.py). ``ops``: see ``SolverOps``.
     """
-    cfg = cfg or QuantConfig()
-    W, H = check_layer(W, H, cfg.group_size)  # H: a fresh symmetrised copy, ours to modify
+    return solve_layer(lambda W_, H_, cfg_: solve_checked_layer(W_, H_, cfg_, ops), W, H, cfg)
+
+
+def solve_checked_layer(W: np.ndarray, H: np.ndarray, cfg: QuantConfig, ops: SolverOps) -> QuantResult:
+    """quantize_layer on input that layer_input.solve_layer has validated and scaled; H is a
+    fresh symmetrised copy, ours to modify."""
     lam = damping(H, cfg.damp)
     branch = None
     if not cfg.hp_channels:
@@ -184,7 +189,7 @@ def quantize_layer(W: np.ndarray, H: np.ndarray, cfg: QuantConfig | None = None,
         H_obj = Hd = damp_hessian(H, cfg.damp)
         # The fp16 branch's columns are free: the quantized part is solved on the Schur-complement
         # Hessian (hp_branch.py), and B is its closed-form completion afterwards.
-        branch = Branch.prepare(W, H, H_obj, cfg.hp_channels, cfg.hp_select, cfg.bits, cfg.group_size)
+        branch = Branch.prepare(W, H_obj, cfg.hp_channels, cfg.hp_select, cfg.bits, cfg.group_size)
         Hd = branch.hessian
     scale, zero, _ = ops.init_scale_zero(W, Hd, cfg.bits, cfg.group_size, cfg.symmetric, cfg.grid, cfg.max_shrink)
     factor = ops.gptq_factor(Hd, cfg.act_order, cfg.damp) if cfg.method != "rtn" else None

@@ -14,11 +14,11 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from decoupleq_ref.bounds import row_lower_bound
-from decoupleq_ref.checks import check_layer
 from decoupleq_ref.config import QuantConfig
 from decoupleq_ref.format import QuantResult, dequantize_parts
 from decoupleq_ref.hp_branch import Branch, add_branch, branch_weight
 from decoupleq_ref.init import placement_starts
+from decoupleq_ref.layer_input import solve_layer
 from decoupleq_ref.objective import damp_hessian, row_losses
 
 from ._cuda import blocks, cuda, jit, require
@@ -170,12 +170,16 @@ def quantize_layer(W: np.ndarray, H: np.ndarray, cfg: QuantConfig | None = None)
     closed-form B are the reference's host code (O(out·k·in), once per layer); the device solves
     the quantized part on that Hessian exactly as without a branch."""
     require()
-    cfg = cfg or QuantConfig()
-    W, H = check_layer(W, H, cfg.group_size)
+    return solve_layer(solve_checked_layer, W, H, cfg)
+
+
+def solve_checked_layer(W: np.ndarray, H: np.ndarray, cfg: QuantConfig) -> QuantResult:
+    """quantize_layer on input that decoupleq_ref.layer_input.solve_layer (the reference's input
+    checks, PSD check and rescaling of extreme magnitudes) has validated and scaled."""
     H_obj = Hd = damp_hessian(H, cfg.damp)
     branch = None
     if cfg.hp_channels:
-        branch = Branch.prepare(W, H, H_obj, cfg.hp_channels, cfg.hp_select, cfg.bits, cfg.group_size)
+        branch = Branch.prepare(W, H_obj, cfg.hp_channels, cfg.hp_select, cfg.bits, cfg.group_size)
         Hd = branch.hessian
     layer = LayerOnDevice(W, Hd, cfg)
     (scale, zero), _ = init_on_device(layer.dW, layer.dHd, W, cfg.bits, cfg.group_size, cfg.symmetric,

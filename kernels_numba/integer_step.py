@@ -14,6 +14,7 @@ import numpy as np
 import scipy.linalg.lapack as lapack
 
 from decoupleq_ref.integer_step import act_order_perm
+from decoupleq_ref.layer_input import certify_factor, not_psd, psd_shifts
 
 from ._blas import all_blas_threads, matmul
 from ._compat import get_num_threads, njit, prange, require
@@ -48,9 +49,7 @@ def inverse_cholesky_upper(H: np.ndarray, damp: float, perm: np.ndarray | None =
     perm = np.arange(n) if perm is None else perm
     mean_diag = float(np.mean(np.diag(H)[perm])) or 1.0
     rev = perm[::-1]
-    for factor in sorted({damp, 0.01, 0.1, 1.0, 10.0, 100.0}):
-        if factor < damp:
-            continue
+    for factor in psd_shifts(damp):
         A = np.ascontiguousarray(H[np.ix_(rev, rev)], dtype=np.float64)  # J H_pp J; fresh: a failure destroys it
         A[np.diag_indices(n)] += factor * mean_diag
         F = A.T  # Fortran-ordered view of the same memory, equal to A by symmetry
@@ -60,10 +59,11 @@ def inverse_cholesky_upper(H: np.ndarray, damp: float, perm: np.ndarray | None =
         if ok:
             # A's upper triangle holds (L̃⁻¹)ᵀ; U[i, j] = L̃⁻¹[n−1−i, n−1−j] = A[n−1−j, n−1−i].
             _antitranspose_upper(A)
+            certify_factor(A.__matmul__, A.T.__matmul__, n, factor * mean_diag)
             remember_shift(A, factor * mean_diag)
             return A
         del A, F
-    raise np.linalg.LinAlgError("H: not positive definite even after damping by 100·mean(diag H)")
+    raise not_psd(f"GPTQ's Cholesky of the damped H + {factor * mean_diag:.3g}·I failed")
 
 
 def gptq_factor(H: np.ndarray, act_order: bool, damp: float) -> tuple[np.ndarray, np.ndarray]:

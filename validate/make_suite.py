@@ -33,7 +33,8 @@ from .exact import global_optimum
 from .policy import policy_section
 from .suite import FORMAT_VERSION, MANIFEST_FILE, SUITES_DIR, TENSORS_FILE, tensor_hash, write
 
-SUITE_VERSION = 2  # 2: fp16-branch cases (hp_channels), configs with the hp_* fields
+SUITE_VERSION = 3  # 2: fp16-branch cases (hp_channels), configs with the hp_* fields; 3: the branch's
+#   tie-break λ = 1e-8·mean diag (its reference results changed)
 
 
 # ----------------------------------------------------------------------------- exact inputs
