@@ -485,7 +485,7 @@ def _diagnose(rep: Report, ctx: _Ctx, q: np.ndarray, s: np.ndarray, z: np.ndarra
             closes_gap = total - ref_total <= DIAGNOSIS_GAP * (obj - ref_total) and obj > ref_total
             explains = ((c["total_ok"] and c["rows_ok"]) or closes_gap) and total < obj
             after = f"{c['ratio']:.4g}x the reference"
-            if not (c["total_ok"] and c["rows_ok"]):
+            if closes_gap and not (c["total_ok"] and c["rows_ok"]):
                 after += (f"; the repair removes {1 - (total - ref_total) / (obj - ref_total):.1%} of the excess "
                           "over the reference, the rest is the solver's")
         else:
