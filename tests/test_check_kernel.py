@@ -148,6 +148,25 @@ def test_row_permutation_and_row_map_messages_say_which():
     assert "group 0's zero" in rep.finding("defect.one_group_for_all").message
 
 
+def test_any_output_row_permutation_is_named_with_its_pattern():
+    good = two_bit_kernel()
+
+    def reversed_rows(x, packed, scale, zero, g):
+        return good(x, packed, scale, zero, g)[:, ::-1]
+
+    rep = check_kernel(reversed_rows, tiled_layer(), dtypes=("float32",), batches=(2,))
+    assert rep.defects == ["output_rows_permuted"], str(rep)
+    assert "channel<-row 0<-135, 1<-134" in rep.finding("defect.output_rows_permuted").message
+
+
+def test_ranges_are_compact():
+    from validate.kernel_diagnosis import ranges
+
+    assert ranges([0, 1, 2, 5, 7, 8]) == "0-2, 5, 7-8"
+    assert ranges([]) == "none"
+    assert ranges(range(0, 40, 2), limit=3) == "0, 2, 4, ... (20 in all)"
+
+
 def test_dense_weights_are_named_when_given():
     layer = tiled_layer()
     rng = np.random.default_rng(4)

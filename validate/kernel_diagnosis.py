@@ -52,17 +52,22 @@ def _matches(W_eff: np.ndarray, W_c: np.ndarray, exp: Expected, dtype: str) -> n
         return np.abs(W_eff - W_c) <= tol
 
 
-def _row_permutation(W_eff: np.ndarray, exp: Expected, dtype: str, wrong_rows: list[int]) -> np.ndarray | None:
-    """p with W_eff[i] = Ŵ[p(i)] on every row, when the output rows are a permutation of Ŵ's."""
+def _row_permutation(W_eff: np.ndarray, exp: Expected, dtype: str, wrong_rows: list[int],
+                     block: int = 256) -> np.ndarray | None:
+    """p with W_eff[i] = Ŵ[p(i)] on every row, when the output rows are a permutation of Ŵ's
+    (nearest row by one matrix product per block of wrong rows; stops at the first block with a
+    row that matches no row of Ŵ)."""
     out = W_eff.shape[0]
     p = np.arange(out)
     norms = (exp.W ** 2).sum(axis=1)
-    for i in wrong_rows:
-        d = norms - 2 * exp.W @ W_eff[i] + float(W_eff[i] @ W_eff[i])
-        j = int(np.argmin(d))
-        if not _matches(W_eff[i], exp.W[j], Expected(exp.W[j], exp.M[j], exp.W_fp32[j]), dtype).all():
+    for b0 in range(0, len(wrong_rows), block):
+        rows = np.asarray(wrong_rows[b0:b0 + block])
+        with np.errstate(invalid="ignore", over="ignore"):
+            nearest = np.argmin(norms[None, :] - 2 * W_eff[rows] @ exp.W.T, axis=1)
+        cand = Expected(exp.W[nearest], exp.M[nearest], exp.W_fp32[nearest])
+        if not _matches(W_eff[rows], cand.W, cand, dtype).all():
             return None
-        p[i] = j
+        p[rows] = nearest
     return p if len(set(p.tolist())) == out else None
 
 
