@@ -351,6 +351,8 @@ def test_bad_arguments():
         check_kernel(dq.matmul, signature="nope")
     with pytest.raises(ValueError, match="dtypes"):
         check_kernel(dq.matmul, signature="layer", dtypes=("int8",))
+    with pytest.raises(ValueError, match="dense"):
+        check_kernel(dq.matmul, random_layer(4, 16, 2, 8), signature="layer", dense=np.zeros((16, 4)))
 
 
 def _numba_matmul():

@@ -204,6 +204,11 @@ def check_kernel(
         layers = default_layers(hp=signature == "layer")
     else:
         layers = [("layer", layer)] if isinstance(layer, PackedLayer) else list(layer)
+    if dense is not None:
+        dense = np.asarray(dense, dtype=np.float64)
+        if len(layers) != 1 or dense.shape != layers[0][1].shape:
+            raise ValueError(f"dense: the unquantized weights {dense.shape} must come with one layer of that shape "
+                             f"(got {[lay.shape for _, lay in layers]})")
     rep = Report(case=name or getattr(matmul_fn, "__qualname__", "kernel"),
                  meta={"signature": signature if isinstance(signature, str) else "adapter",
                        "layers": [f"{n}: {lay.shape} b{lay.bits} g{lay.group_size}" for n, lay in layers]})
