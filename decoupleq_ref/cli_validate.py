@@ -154,7 +154,8 @@ def check_kernel_cmd(
             layers = default_layers(bits, hp=signature == "layer", group_sizes=groups)
     except ValueError as e:
         which = str(e).split(":", 1)[0]
-        raise typer.BadParameter(str(e), param_hint={"shape": "--shape", "layer": "--layer"}.get(which, "--group-size")) from None
+        hint = {"shape": "--shape", "layer": "--layer"}.get(which, "--group-size")
+        raise typer.BadParameter(str(e), param_hint=hint) from None
     try:
         rep = check_kernel(fn, layers, signature=signature, inputs=inputs,
                            dtypes=tuple(d.strip() for d in dtypes.split(",")), name=matmul)

@@ -97,7 +97,8 @@ def two_bit_kernel(mistake: str | None = None):
 
 def small_layers():
     """Aligned, odd (rows padded to a word) and per-channel layers: quick to diagnose."""
-    return [("aligned_64x256_g64", random_layer(64, 256, 2, 64, seed=1)), ("odd_7x40_g8", random_layer(7, 40, 2, 8, seed=2)),
+    return [("aligned_64x256_g64", random_layer(64, 256, 2, 64, seed=1)),
+            ("odd_7x40_g8", random_layer(7, 40, 2, 8, seed=2)),
             ("per_channel_5x48", random_layer(5, 48, 2, -1, seed=3))]
 
 
@@ -186,12 +187,14 @@ def test_unexplained_failure_is_located_not_guessed():
 
     def odd_damage(x, packed, scale, zero, g):
         y = good(x, packed, scale, zero, g).astype(np.float64)
-        return y + np.asarray(x, np.float64)[:, 100:200].sum(axis=1, keepdims=True) * np.isin(np.arange(y.shape[1]), range(5, 10)) * 0.01
+        damaged = np.isin(np.arange(y.shape[1]), range(5, 10))  # rows 5-9 see columns 100-199 twice
+        return y + 0.01 * np.asarray(x, np.float64)[:, 100:200].sum(axis=1, keepdims=True) * damaged
 
     rep = check_kernel(odd_damage, tiled_layer(), dtypes=("float32",), batches=(4,))
     assert not rep.ok and not rep.defects
     diag = rep.finding("kernel.diagnosis").message
-    assert "no mistake in the catalogue explains" in diag and "output channels 5-9" in diag and "input columns 100-199" in diag
+    assert "no mistake in the catalogue explains" in diag
+    assert "output channels 5-9" in diag and "input columns 100-199" in diag
     assert "closest" not in str(rep)
 
 
@@ -220,7 +223,8 @@ def test_a_crash_fails_with_the_traceback_line():
     rep = check_kernel(crashes_in_half, small_layers(), dtypes=("float32", "float16"), batches=(1, 2))
     assert not rep.ok
     crash = next(f for f in rep.failures if "float16" in f.check)
-    assert "IndexError" in crash.message and "test_check_kernel.py:" in crash.message and "crashes_in_half" in crash.message
+    assert "IndexError" in crash.message
+    assert "test_check_kernel.py:" in crash.message and "crashes_in_half" in crash.message
     assert "more probes of float16" in crash.message  # one finding per distinct error
 
 

@@ -3,7 +3,6 @@ a weaker solver is still named (the repair closes most of the gap to the referen
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 
 import decoupleq_ref as dq
@@ -51,7 +50,10 @@ def test_convention_mistake_on_a_weaker_solver_is_named(mistake):
     cfg = dq.QuantConfig(bits=2, group_size=16)
     rtn = dq.quantize_layer(W, H, dq.QuantConfig(bits=2, group_size=16, method="rtn"))
     s, z = rtn.scale, rtn.zero
-    wrong = {"q": rtn.q, "scale": z, "zero": s} if mistake == "swapped_scale_zero" else {"q": rtn.q, "scale": s, "zero": -z}
+    if mistake == "swapped_scale_zero":
+        wrong = {"q": rtn.q, "scale": z, "zero": s}
+    else:
+        wrong = {"q": rtn.q, "scale": s, "zero": -z}
     rtn_ratio = check_result(W, H, rtn, cfg).numbers["ratio_to_reference"]
     assert rtn_ratio > 1.05  # the 5 % rule alone would not name it
     rep = check_result(W, H, wrong, cfg)

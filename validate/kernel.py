@@ -81,7 +81,8 @@ def one_hot(first: int, rows: int, n_in: int) -> np.ndarray:
     return x
 
 
-def _battery(rng: np.random.Generator, n_in: int, dtype: str, batches: Sequence[int]) -> list[tuple[str, int, np.ndarray]]:
+def _battery(rng: np.random.Generator, n_in: int, dtype: str,
+             batches: Sequence[int]) -> list[tuple[str, int, np.ndarray]]:
     """(probe, batch, x) for the random, one-hot, zeros, large and non-finite probes."""
     probes = [("random", bsz, rng.standard_normal((bsz, n_in))) for bsz in batches]
     probes.append(("one_hot", min(n_in, 256), one_hot(0, min(n_in, 256), n_in)))

@@ -77,7 +77,8 @@ def _describe_permutation(p: np.ndarray) -> str:
             return desc
     moved = np.nonzero(p != np.arange(len(p)))[0]
     pairs = ", ".join(f"{int(i)}<-{int(p[i])}" for i in moved[:MAX_RANGES])
-    return f"output rows permuted: channel<-row {pairs}" + (f", ... ({len(moved)} moved)" if len(moved) > MAX_RANGES else "")
+    more = f", ... ({len(moved)} moved)" if len(moved) > MAX_RANGES else ""
+    return f"output rows permuted: channel<-row {pairs}{more}"
 
 
 def diagnose_weight(rep: Report, W_eff: np.ndarray, layer: PackedLayer, exp: Expected, dtype: str,

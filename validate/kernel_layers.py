@@ -47,7 +47,8 @@ def group_name(group_size: int) -> str:
     return "pc" if group_size == -1 else f"g{group_size}"
 
 
-def shape_layers(out: int, n_in: int, bits: int, group_sizes: tuple[int, ...], seed: int = 10) -> list[tuple[str, PackedLayer]]:
+def shape_layers(out: int, n_in: int, bits: int, group_sizes: tuple[int, ...],
+                 seed: int = 10) -> list[tuple[str, PackedLayer]]:
     """One random layer of shape (out, n_in) per group size (those that divide n_in)."""
     layers = []
     for k, g in enumerate(group_sizes):
@@ -59,7 +60,8 @@ def shape_layers(out: int, n_in: int, bits: int, group_sizes: tuple[int, ...], s
     return layers
 
 
-def default_layers(bits: int = 2, hp: bool = False, group_sizes: tuple[int, ...] = DEPLOY_GROUPS) -> list[tuple[str, PackedLayer]]:
+def default_layers(bits: int = 2, hp: bool = False,
+                   group_sizes: tuple[int, ...] = DEPLOY_GROUPS) -> list[tuple[str, PackedLayer]]:
     """The deployment battery (module doc): 263x4096 at each group size, an odd 7x40 g8 layer
     (rows padded to a 32-bit word); with ``hp`` also a 12x64 g32 layer with a 3-column branch."""
     layers = shape_layers(DEPLOY_ROWS, DEPLOY_COLS, bits, group_sizes, seed=1)

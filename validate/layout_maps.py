@@ -9,7 +9,7 @@ layers wider or taller than one tile (validate.kernel_layers' deployment battery
 | ``output_rows_permuted`` | writes output channel i from row p(i): pairs swapped, interleaved halves |
 | ``scale_row_mismatch`` | reads row i's scale and/or zero from row i // k, or i % T (a T-row tile reusing tile 0's) |
 | ``one_group_for_all`` | uses group 0's scale and/or zero for every group of a row |
-| ``split_k_group_restart`` | restarts the group index in every C-column chunk (split-K): column c uses group (c mod C) // g |
+| ``split_k_group_restart`` | restarts the group index per C-column chunk (split-K): column c uses group (c mod C) // g |
 | ``codes_tile_reused`` | reads the codes of rows i % T, or of columns c mod C, for every tile / chunk |
 | ``dense_weights`` | multiplies by the unquantized float weights, not the packed ones (needs them given) |
 
