@@ -8,11 +8,16 @@ import numpy as np
 from .config import is_int
 
 
+def is_float_dtype(dtype: np.dtype) -> bool:
+    """A NumPy floating dtype, or ml_dtypes' bfloat16 (kind 'V' to NumPy, exact in float32)."""
+    return dtype.kind == "f" or dtype.name == "bfloat16"
+
+
 def as_float_matrix(x: object, name: str, finite: bool = True) -> np.ndarray:
     """Return ``x`` as a non-empty 2-D float64 array (finite unless ``finite=False``) or raise
     ValueError naming it."""
     arr = np.asarray(x)
-    if arr.dtype.kind not in "f":
+    if not is_float_dtype(arr.dtype):
         raise ValueError(
             f"{name}: expected a floating-point array, got dtype {arr.dtype}; "
             f"convert it first, e.g. {name}.astype(np.float32)"
@@ -21,10 +26,11 @@ def as_float_matrix(x: object, name: str, finite: bool = True) -> np.ndarray:
         raise ValueError(f"{name}: expected a 2-D array, got shape {arr.shape}")
     if arr.size == 0:
         raise ValueError(f"{name}: array is empty (shape {arr.shape}); pass a non-empty matrix")
+    arr = np.ascontiguousarray(arr, dtype=np.float64)
     if finite and not np.isfinite(arr).all():
         bad = np.argwhere(~np.isfinite(arr))[:3].tolist()
         raise ValueError(f"{name}: contains NaN or Inf (first at index {bad}); clean the input first")
-    return np.ascontiguousarray(arr, dtype=np.float64)
+    return arr
 
 
 def check_layer(W: object, H: object, group_size: int, symmetric_tol: float = 1e-6) -> tuple[np.ndarray, np.ndarray]:

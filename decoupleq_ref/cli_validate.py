@@ -123,24 +123,46 @@ def check_kernel_cmd(
     inputs: str = typer.Option("numpy", help="activations as 'numpy' arrays or 'torch' tensors"),
     dtypes: str = typer.Option("float32,float16,bfloat16", help="activation dtypes (comma list)"),
     bits: int = typer.Option(2, min=1, max=8, help="code width of the built-in test layers"),
+    shape: Optional[list[str]] = typer.Option(None, help="test random layers of this shape OUTxIN instead of the "
+                                              "built-in battery (repeatable), e.g. --shape 4096x11008"),
+    group_size: Optional[str] = typer.Option(None, "--group-size", help="group sizes of the built-in or --shape "
+                                             "layers (comma list, -1 = per-channel); default 32,64,128,-1"),
+    layer: Optional[list[str]] = typer.Option(None, help="test a layer of your own checkpoint, CKPT_DIR:LAYER_NAME "
+                                              "(repeatable), e.g. qmodel/:model.layers.0.mlp.down_proj"),
     json_out: Optional[Path] = typer.Option(None, "--json", help="also write the report here"),
 ) -> None:
     """Run a packed matmul on the input battery and name the layout mistake behind wrong outputs."""
     from validate.adapters import load_impl
-    from validate.kernel import check_kernel, default_layers
+    from validate.kernel import check_kernel
+    from validate.kernel_layers import DEPLOY_GROUPS, checkpoint_layer, default_layers, parse_shape, shape_layers
 
     try:
         fn = load_impl(matmul)
     except ValueError as e:
         raise typer.BadParameter(str(e).replace("impl: ", ""), param_hint="--matmul") from None
-    layers = default_layers(bits, hp=signature == "layer")
     try:
-        reps = [check_kernel(fn, lay, signature=signature, inputs=inputs,
-                             dtypes=tuple(d.strip() for d in dtypes.split(",")), name=name) for name, lay in layers]
+        groups = tuple(int(g) for g in group_size.split(",")) if group_size else DEPLOY_GROUPS
+    except ValueError:
+        raise typer.BadParameter(f"{group_size!r} is not a comma list of integers", param_hint="--group-size") from None
+    layers = []
+    try:
+        for spec in layer or []:
+            layers.append(checkpoint_layer(spec))
+        for spec in shape or []:
+            layers.extend(shape_layers(*parse_shape(spec), bits, groups))
+        if not layers:
+            layers = default_layers(bits, hp=signature == "layer", group_sizes=groups)
+    except ValueError as e:
+        which = str(e).split(":", 1)[0]
+        hint = {"shape": "--shape", "layer": "--layer"}.get(which, "--group-size")
+        raise typer.BadParameter(str(e), param_hint=hint) from None
+    try:
+        rep = check_kernel(fn, layers, signature=signature, inputs=inputs,
+                           dtypes=tuple(d.strip() for d in dtypes.split(",")), name=matmul)
     except ValueError as e:
         raise typer.BadParameter(str(e)) from None
-    for rep in reps:
-        typer.echo(str(rep))
+    typer.echo(str(rep))
+    typer.echo(f"layers: {'; '.join(rep.meta['layers'])}")
     if json_out is not None:
-        write_json_atomic(json_out, [r.to_dict() for r in reps])
-    raise typer.Exit(0 if all(r.ok for r in reps) else 1)
+        write_json_atomic(json_out, rep.to_dict())
+    raise typer.Exit(0 if rep.ok else 1)

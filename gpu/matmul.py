@@ -273,3 +273,7 @@ def packed_matmul(x, layer: PackedLayer | DevicePackedLayer, out=None):
     if dev.hp_index is not None:
         _branch_kernel[(blocks(n_out, TILE), blocks(batch, TILE)), (TILE, TILE)](dx, dev.hp_index, dev.hp_weight, y)
     return y.copy_to_host() if on_host else y
+
+
+#: the activation dtypes the kernel takes (validate.check_kernel skips the others)
+packed_matmul.supported_dtypes = ("float32", "float16")

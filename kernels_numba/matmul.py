@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from decoupleq_ref.checks import is_float_dtype
 from decoupleq_ref.matmul import PackedLayer
 
 from ._blas import one_blas_thread
@@ -229,7 +230,7 @@ def _gemm_tiles(x, packed, scale, zero, bits, y):
 
 def _check_x(x: np.ndarray, n_in: int) -> np.ndarray:
     x = np.asarray(x)
-    if x.ndim != 2 or x.dtype.kind != "f":
+    if x.ndim != 2 or not is_float_dtype(x.dtype):
         raise ValueError(f"x: expected a 2-D float (batch, in) array, got {x.dtype} {x.shape}; "
                          f"reshape a single vector with x[None, :]")
     if x.shape[1] != n_in:

@@ -9,13 +9,16 @@ Checks, in order (docs/VALIDATION.md has the tolerance policy and why):
 3. vs the reference: the objective (loss on the damped H the solver minimises) must be at most
    (1 + rtol) × the reference solver's on the same input and config, in total and averaged
    over rows with each row normalised by its energy W_i H_d W_iᵀ (so rows of tiny magnitude
-   count); rtol = 1e-6 at level "reference", 0.05 at level "quality".
+   count); rtol = 1e-6 at level "reference", 0.5 at level "quality" (and ≤ 1.05× in geometric
+   mean over a suite, SUITE_LEVELS).
 4. vs the global optimum (tiny per-channel layers): no row's objective may be below the exact
    optimum; a loss below it proves a structural bug (e.g. more than 2^b levels).
 
 When something fails, a diagnosis tries the usual convention mistakes (scale/zero swapped,
-signed codes, zero-point, transposed, negated zero, reciprocal scale) and names the one that
-explains the failure as a hint ``defect.<name>``.
+signed codes, zero-point, transposed, negated zero, reciprocal scale) and names, as a hint
+``defect.<name>``, each one whose repair brings the objective within 5 % of the reference's or
+removes at least 90 % of its excess over the reference (a weaker solver with a convention
+mistake: the repair explains most of the gap, the solver the rest).
 """
 
 from __future__ import annotations
@@ -36,7 +39,8 @@ from .exact import global_optimum
 from .policy import Policy
 from .report import FAIL, HINT, INFO, PASS, SKIP, Report, list_groups, list_rows, nonzero_rows
 
-DIAGNOSIS_RTOL = 0.05  # a repaired result "explains" a failure when within 5 % of the reference
+DIAGNOSIS_RTOL = 0.05  # a repaired result "explains" a failure when within 5 % of the reference,
+DIAGNOSIS_GAP = 0.1    # or when its excess over the reference is at most this share of the unrepaired one
 TINY_ENUMERATION = 1 << 16  # global optimum computed automatically when (2^b)^in ≤ this
 
 
@@ -318,8 +322,19 @@ def _reference(rep: Report, ctx: _Ctx, row_obj: np.ndarray, ref_row_obj: np.ndar
                 value=c["row_ratio"], limit=limit)
     else:
         rep.add("loss.reference_rows", FAIL, f"mean over rows of objective/energy is {c['row_ratio']:.6g}x the "
-                f"reference's (limit {limit:g}x): rows of small magnitude are quantized worse{rows_txt}",
+                f"reference's (limit {limit:g}x){_row_vs_total(c['row_ratio'], c['ratio'])}{rows_txt}",
                 rows=c["worst_rows"], value=c["row_ratio"], limit=limit)
+
+
+def _row_vs_total(row_ratio: float, ratio: float) -> str:
+    """What the row-normalised ratio says beside the total one, in words that match the numbers."""
+    if row_ratio > 1.5 * ratio:
+        return (f", above the total's {ratio:.4g}x: rows of small magnitude are quantized worse than large "
+                "ones")
+    if row_ratio < ratio / 1.5:
+        return (f", below the total's {ratio:.4g}x: the excess sits in rows of large magnitude; small rows are "
+                "closer to the reference")
+    return f", like the total's {ratio:.4g}x: rows of every magnitude are worse alike"
 
 
 def _optimum(rep: Report, ctx: _Ctx, row_obj: np.ndarray, opt_row_obj: np.ndarray) -> None:
@@ -417,8 +432,13 @@ def _diagnose(rep: Report, ctx: _Ctx, q: np.ndarray, s: np.ndarray, z: np.ndarra
         total = float(cand.sum())
         if ref_row_obj is not None:
             c = _ratio_checks(ctx, cand, ref_row_obj, DIAGNOSIS_RTOL)
-            explains = c["total_ok"] and c["rows_ok"] and total < obj
+            ref_total = float(ref_row_obj.sum())
+            closes_gap = total - ref_total <= DIAGNOSIS_GAP * (obj - ref_total) and obj > ref_total
+            explains = ((c["total_ok"] and c["rows_ok"]) or closes_gap) and total < obj
             after = f"{c['ratio']:.4g}x the reference"
+            if closes_gap and not (c["total_ok"] and c["rows_ok"]):
+                after += (f"; the repair removes {1 - (total - ref_total) / (obj - ref_total):.1%} of the excess "
+                          "over the reference, the rest is the solver's")
         else:
             explains = total < 0.5 * obj
             after = f"{total:.6g}"

@@ -1,7 +1,7 @@
 """The usual layout mistakes of packed low-bit kernels, each as the weight it would produce.
 
 Given a PackedLayer in this project's format (docs/FORMAT.md), ``layout_mistakes`` returns, for
-every layout mistake it knows (docs/VALIDATION.md, "check_kernel"), the effective weight Ŵ' (out, in) that a kernel making
+every mistake listed here and in ``validate.layout_maps``, the effective weight Ŵ' (out, in) that a kernel making
 that mistake computes from the same bytes. ``validate.kernel`` measures the kernel's effective
 weight with one-hot inputs and names the mistake whose Ŵ' matches it.
 
@@ -14,6 +14,7 @@ told apart on this layer.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Iterator
 
 import numpy as np
 
@@ -71,8 +72,18 @@ def _column_major_codes(layer: PackedLayer) -> np.ndarray:
     return unpack(flat.reshape(n_in, rb), layer.bits, (n_in, out)).T
 
 
-def layout_mistakes(layer: PackedLayer) -> list[Mistake]:
-    """Every listed mistake that changes Ŵ on this layer (see the module doc)."""
+def layout_mistakes(layer: PackedLayer, dense: np.ndarray | None = None) -> Iterator[Mistake]:
+    """Every listed mistake that changes Ŵ on this layer (see the module doc): the format
+    mistakes below, then the tile, row and chunk mistakes of validate.layout_maps (and, when the
+    layer's unquantized weights ``dense`` are given, using them instead of the packed ones)."""
+    from .layout_maps import map_mistakes
+
+    yield from _format_mistakes(layer)
+    yield from map_mistakes(layer, dense)
+
+
+def _format_mistakes(layer: PackedLayer) -> list[Mistake]:
+    """Mistakes in reading the format: bit order, packing, scale layout, zero meaning, signedness."""
     out, n_in = layer.shape
     b = layer.bits
     g = effective_group_size(n_in, layer.group_size)
