@@ -245,7 +245,7 @@ def eval_pipeline(source: ModelSource, quantized: Optional[Path], text: Path, se
     if quantized is None:
         return {**result, **evaluate(fp, windows)}
     q = copy.deepcopy(fp)  # one load (slow for GGUF); every quantized tensor is then overwritten
-    config = load_quantized(q, quantized, packed=packed)
+    config = load_quantized(q, quantized, packed=packed, arg="--quantized")
     return {**result, "quantized": str(quantized), "bits": config["bits"], "group_size": config["group_size"],
             "method": config["method"], "packed": packed, **evaluate(q, windows, reference=fp)}
 

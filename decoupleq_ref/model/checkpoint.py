@@ -126,21 +126,21 @@ def is_complete(folder: Path) -> bool:
     return (Path(folder) / CONFIG_NAME).exists() and not (Path(folder) / PARTIAL).exists()
 
 
-def checkpoint_config(folder: Path) -> dict:
-    """quantization_config.json of a finished checkpoint; ValueError naming --quantized for a
-    missing, unfinished or foreign one."""
+def checkpoint_config(folder: Path, arg: str = "--quantized") -> dict:
+    """quantization_config.json of a finished checkpoint; ValueError naming ``arg`` (the argument
+    that passed the folder) for a missing, unfinished or foreign one."""
     folder = Path(folder)
     if not folder.is_dir():
-        raise ValueError(f"--quantized: {folder} is not a directory; pass the --out folder of quantize/run")
+        raise ValueError(f"{arg}: {folder} is not a directory; pass the --out folder of quantize/run")
     if not is_complete(folder):
-        raise ValueError(f"--quantized: {folder} is not a finished checkpoint (no {CONFIG_NAME}, or an "
+        raise ValueError(f"{arg}: {folder} is not a finished checkpoint (no {CONFIG_NAME}, or an "
                          "interrupted run); re-run the command that writes it to finish it")
     try:
         config = json.loads((folder / CONFIG_NAME).read_text())
     except json.JSONDecodeError as e:
-        raise ValueError(f"--quantized: {folder / CONFIG_NAME} is not valid JSON ({e})") from None
+        raise ValueError(f"{arg}: {folder / CONFIG_NAME} is not valid JSON ({e})") from None
     if config.get("format") != CHECKPOINT_FORMAT or config.get("format_version") != CHECKPOINT_VERSION:
-        raise ValueError(f"--quantized: {folder / CONFIG_NAME} is not a version-{CHECKPOINT_VERSION} checkpoint")
+        raise ValueError(f"{arg}: {folder / CONFIG_NAME} is not a version-{CHECKPOINT_VERSION} checkpoint")
     return config
 
 
@@ -153,9 +153,9 @@ def finished_with(folder: Path, header: dict) -> dict | None:
     return config if {k: config.get(k) for k in header} == json.loads(json.dumps(header)) else None
 
 
-def read_checkpoint_tensors(folder: Path) -> tuple[dict, dict[str, np.ndarray]]:
-    """(config, every tensor of model.safetensors) of a finished checkpoint."""
-    config = checkpoint_config(folder)
+def read_checkpoint_tensors(folder: Path, arg: str = "--quantized") -> tuple[dict, dict[str, np.ndarray]]:
+    """(config, every tensor of model.safetensors) of a finished checkpoint; errors name ``arg``."""
+    config = checkpoint_config(folder, arg)
     tensors, _ = read_safetensors(Path(folder) / WEIGHTS_NAME)
     return config, tensors
 
@@ -166,7 +166,7 @@ def read_checkpoint(folder: Path) -> tuple[dict, dict[str, PackedLayer]]:
     config is quantization_config.json (bits, group_size, method, per-layer loss, ...); each
     PackedLayer holds the stored packed codes, float32 scales/zeros and the fp16 branch if any,
     so ``PackedLayer.dequantize()`` / ``decoupleq_ref.matmul`` give the layer's Ŵ / x @ Ŵᵀ."""
-    config, tensors = read_checkpoint_tensors(folder)
+    config, tensors = read_checkpoint_tensors(folder, "folder")
     return config, {name: packed_layer(tensors, name, layer, config["bits"], config["group_size"])
                     for name, layer in config["layers"].items()}
 

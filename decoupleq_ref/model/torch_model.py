@@ -139,18 +139,25 @@ def set_layer_matrix(module: nn.Module, W_hat: np.ndarray) -> None:
         module.weight.copy_(w.to(module.weight.dtype))
 
 
-def load_state(model: nn.Module, state: dict[str, np.ndarray]) -> None:
-    """Copy a name → array state into the model; ValueError if a name or shape does not fit."""
+def load_state(model: nn.Module, state: dict[str, np.ndarray], arg: str = "folder") -> None:
+    """Copy a name → array state into the model; ValueError naming ``arg`` (the checkpoint's
+    argument: ``folder`` in the API, ``--quantized`` on the command line) if a name or shape does
+    not fit. Tensors that are non-persistent buffers of the model (e.g. BERT's
+    ``embeddings.position_ids``, written to older files but no longer saved by transformers) are
+    skipped, as from_pretrained skips them: the model computes its own."""
     own = model.state_dict()
-    unknown = sorted(set(state) - set(own))
+    not_persisted = {name for name, _ in model.named_buffers()} - set(own)
+    unknown = sorted(set(state) - set(own) - not_persisted)
     if unknown:
-        raise ValueError(f"--quantized: tensors {unknown[:3]} are not in MODEL; the checkpoint was made "
+        raise ValueError(f"{arg}: tensors {unknown[:3]} are not in the model; the checkpoint was made "
                          "from another model: pass the same MODEL as for quantize/run")
     with torch.no_grad():
         for k, v in state.items():
+            if k in not_persisted:
+                continue
             if tuple(own[k].shape) != v.shape:
-                raise ValueError(f"--quantized: {k} is {v.shape} in the checkpoint but {tuple(own[k].shape)} "
-                                 "in MODEL; pass the same MODEL as for quantize/run")
+                raise ValueError(f"{arg}: {k} is {v.shape} in the checkpoint but {tuple(own[k].shape)} "
+                                 "in the model; pass the same MODEL as for quantize/run")
             own[k].copy_(torch.from_numpy(np.ascontiguousarray(v)).to(own[k].dtype))
 
 
@@ -184,12 +191,14 @@ def packed_kernel() -> Callable:
     return matmul
 
 
-def load_quantized(model: nn.Module, folder, packed: bool = False, matmul: Callable | None = None) -> dict:
+def load_quantized(model: nn.Module, folder, packed: bool = False, matmul: Callable | None = None,
+                   arg: str = "folder") -> dict:
     """Put a checkpoint into a transformers model; returns its config. Default: dequantized float
     weights. ``packed``: the quantized linears become PackedLinear modules running ``matmul``
-    (default packed_kernel()) on the stored codes, for true-quant inference."""
-    config, tensors = read_checkpoint_tensors(folder)
-    load_state(model, model_state(config, tensors))
+    (default packed_kernel()) on the stored codes, for true-quant inference. Errors name ``arg``
+    (the CLI passes ``--quantized``)."""
+    config, tensors = read_checkpoint_tensors(folder, arg)
+    load_state(model, model_state(config, tensors), arg)
     if packed:
         kernel = matmul or packed_kernel()
         for name, layer in config["layers"].items():
