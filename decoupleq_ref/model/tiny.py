@@ -42,6 +42,9 @@ def save_tiny(folder: Path, arch: str = "llama", seed: int = 0, **overrides) -> 
                                                intermediate_size=128, max_position_embeddings=256), **overrides}))
     else:
         raise ValueError(f"arch: unknown {arch!r}; choose llama, gpt2 or bert")
+    from .torch_model import quiet_transformers
+
+    quiet_transformers()  # no "Writing model shards" bar
     folder = Path(folder)
     model.save_pretrained(folder)
     byte_tokenizer().save_pretrained(folder)

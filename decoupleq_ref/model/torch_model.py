@@ -14,13 +14,37 @@ from .checkpoint import model_state, packed_layer, read_checkpoint_tensors
 from .source import ModelSource
 
 
+#: transformers modules that draw their own tqdm bar outside transformers' switch
+#: (logging.disable_progress_bar): the GGUF loader's "Converting and de-quantizing GGUF tensors".
+RAW_TQDM_MODULES = ("transformers.modeling_gguf_pytorch_utils",)
+
+
 def quiet_transformers() -> None:
-    """No download/loading progress bars or load reports from transformers: our own bars and
-    errors say what happens."""
+    """No download/loading/saving progress bars or load reports from transformers: our own bars
+    (progress.progress_bar) and errors say what happens. Idempotent."""
+    import importlib
+
     from transformers.utils import logging
 
     logging.set_verbosity_error()
     logging.disable_progress_bar()
+    for module_name in RAW_TQDM_MODULES:
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError:  # the GGUF loader needs the gguf package
+            continue
+        bar = getattr(module, "tqdm", None)
+        if bar is not None and not getattr(bar, "silenced", False):
+            module.tqdm = silenced_tqdm(bar)
+
+
+def silenced_tqdm(bar: type) -> Callable:
+    """``bar`` (a tqdm class) that always starts disabled; iterating it still yields every item."""
+    def silent(*args, **kwargs):
+        return bar(*args, **{**kwargs, "disable": True})
+
+    silent.silenced = True
+    return silent
 
 
 def model_class(source: ModelSource) -> type:
