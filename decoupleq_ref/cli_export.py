@@ -32,9 +32,12 @@ def export_cmd(
     if model is None and recorded is None and (quantized / "quantization_config.json").exists():
         raise ValueError("--model: the model this checkpoint records is not there any more; pass it with --model")
     summary = export_gguf(quantized, resolve_model(model if model is not None else recorded), gguf)
-    result = {"gguf": str(summary.path), "tensors": summary.counts(), "fallback": summary.fallback}
+    result = {"gguf": str(summary.path), "tensors": summary.counts(), "fallback": summary.fallback,
+              "notes": summary.notes}
     for name, why in summary.fallback.items():
         log(f"{name}: F32 (fallback: {why})")
+    for note in summary.notes:
+        log(note)
     if json_out:
         typer.echo(json.dumps(result))
     else:

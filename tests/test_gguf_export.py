@@ -156,3 +156,15 @@ def test_unexportable_checkpoints_are_refused(wide, tmp_path, args, needle):
     res = cli("export", q, "--gguf", tmp_path / "m.gguf", ok=False)
     assert res.exit_code == 2 and needle in " ".join(res.output.replace("│", " ").split())
     assert not (tmp_path / "m.gguf").exists()
+
+
+def test_the_tokenizer_travels_in_the_file(wide, tmp_path):
+    """A HF source's byte-level BPE tokenizer is written as tokenizer.ggml.*: transformers builds
+    the same tokenizer from the GGUF alone (same ids on text with non-ASCII bytes, same eos)."""
+    from transformers import AutoTokenizer
+
+    export(quantized(wide, 4, 32), tmp_path / "m.gguf")
+    ours, theirs = AutoTokenizer.from_pretrained(tmp_path, gguf_file="m.gguf"), AutoTokenizer.from_pretrained(wide["src"])
+    sample = wide["text"].read_text()[:300] + " héllo wörld\n\t12 345 ✓"
+    assert ours(sample)["input_ids"] == theirs(sample)["input_ids"]
+    assert ours.eos_token == theirs.eos_token

@@ -9,7 +9,8 @@ columns has no such blocks: it falls back to F32 (its Ŵ, exactly) and the summa
 
 Everything else in the checkpoint (embeddings, norms, an untied output head) is written as F32,
 as the checkpoint holds it. Metadata comes from the source model: a GGUF source's key/values
-(tokenizer included) are copied; a HF Llama directory's config.json gives the hyperparameters.
+(tokenizer included) are copied; a HF Llama directory's config.json gives the hyperparameters and
+its tokenizer.json the tokenizer when it is a byte-level BPE (gguf_tokenizer).
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ import numpy as np
 from ..matmul import PackedLayer
 from .atomic import atomic_write
 from .checkpoint import CONFIG_NAME, QUANT_SUFFIXES, packed_layer, read_checkpoint_tensors
-from .ggml_blocks import BLOCK, LEGACY_TYPES, encode_blocks
+from .ggml_blocks import BLOCK, encode_blocks
+from .gguf_tokenizer import tokenizer_metadata
 from .source import ModelSource
 from .weights import gguf_field, gguf_heads, gguf_row_order, hf_to_gguf_name
 
@@ -43,6 +45,7 @@ class ExportSummary:
     path: Path
     types: dict[str, str] = field(default_factory=dict)
     fallback: dict[str, str] = field(default_factory=dict)  # GGUF name → why
+    notes: list[str] = field(default_factory=list)
 
     def counts(self) -> dict[str, int]:
         out: dict[str, int] = {}
@@ -139,9 +142,16 @@ def copy_gguf_metadata(reader: object, writer: object) -> None:
 
 
 def add_metadata(writer: object, kv: list[tuple[str, object, str]]) -> None:
-    add = {"str": writer.add_string, "u32": writer.add_uint32, "f32": writer.add_float32}
+    """Key/values typed "str", "u32", "f32", "bool", or arrays "str[]", "i32[]", "f32[]"."""
+    from gguf import GGUFValueType
+
+    scalar = {"str": writer.add_string, "u32": writer.add_uint32, "f32": writer.add_float32, "bool": writer.add_bool}
+    array = {"str[]": GGUFValueType.STRING, "i32[]": GGUFValueType.INT32, "f32[]": GGUFValueType.FLOAT32}
     for key, value, kind in kv:
-        add[kind](key, value)
+        if kind in array:
+            writer.add_key_value(key, list(value), GGUFValueType.ARRAY, sub_type=array[kind])
+        else:
+            scalar[kind](key, value)
 
 
 def export_gguf(folder: Path, source: ModelSource, out: Path) -> ExportSummary:
@@ -158,9 +168,13 @@ def export_gguf(folder: Path, source: ModelSource, out: Path) -> ExportSummary:
         n_head, n_kv = gguf_heads(reader)
     else:
         kv, n_head, n_kv = llama_config_metadata(source.folder)
+        tokenizer_kv, why = tokenizer_metadata(source.folder)
+        kv += tokenizer_kv
     quant_keys = {f"{n}.{s}" for n in config["layers"] for s in QUANT_SUFFIXES}
     arrays: dict[str, tuple[np.ndarray, str]] = {}
     summary = ExportSummary(Path(out))
+    if not source.is_gguf and why:
+        summary.notes.append(f"no tokenizer in the file ({why}); load it from {source.describe()}")
     for hf_name, layer_info in config["layers"].items():
         gguf_name = _gguf_name(f"{hf_name}.weight")
         layer = packed_layer(tensors, hf_name, layer_info, config["bits"], config["group_size"])
