@@ -8,6 +8,7 @@
     check_kernel(my_matmul).defects                        # a packed kernel, with named layout mistakes
     validate_checkpoint("ckpt_dir").ok                     # every packed layer vs its fake-quant weights
     check_q4_1(result, q, d, m).ok                         # W4 g32 on a Q4_1-rounded weight: llama.cpp's integers
+    check_gguf_export("m.gguf", "qmodel/").ok              # an exported GGUF, read back by gguf-py, is its checkpoint
 
 Everything here is NumPy-only at import; cvxpy (validate.exact), hypothesis
 (validate.strategies), torch (official checkpoints, bf16 kernel inputs) and gguf (validate.ggml_q4_1)
@@ -17,7 +18,7 @@ are imported where used.
 import importlib
 from typing import Any
 
-_EXPORTS = {"Policy": "check", "check_q4_1": "ggml_q4_1", "check_result": "check", "validate_checkpoint": "checkpoint", "compare": "compare", "compare_checkpoints": "compare",
+_EXPORTS = {"Policy": "check", "check_q4_1": "ggml_q4_1", "check_gguf_export": "gguf_export", "check_result": "check", "validate_checkpoint": "checkpoint", "compare": "compare", "compare_checkpoints": "compare",
             "load_suite": "conformance", "run_suite": "conformance", "check_kernel": "kernel",
             "Finding": "report", "Report": "report"}
 __all__ = sorted(_EXPORTS)
