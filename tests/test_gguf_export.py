@@ -168,3 +168,43 @@ def test_the_tokenizer_travels_in_the_file(wide, tmp_path):
     sample = wide["text"].read_text()[:300] + " héllo wörld\n\t12 345 ✓"
     assert ours(sample)["input_ids"] == theirs(sample)["input_ids"]
     assert ours.eos_token == theirs.eos_token
+
+
+@pytest.mark.parametrize("ggml_type,bits,group_size", [("Q4_K", 4, 32), ("Q2_K", 2, 16)])
+def test_kquant_export_reads_back_as_its_solve(wide, tmp_path, ggml_type, bits, group_size):
+    """K-quants: every linear (widths are multiples of 256) is re-solved on the grid with H from the
+    stats, below the projection of the checkpoint; gguf-py reads each back as its solve bit for bit,
+    everything else as the checkpoint; transformers' loader holds the same weights."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from decoupleq_ref.model.gguf_export import export_gguf
+    from decoupleq_ref.model.source import resolve_model
+    from decoupleq_ref.model.weights import gguf_to_hf_name
+    from validate.gguf_export import gguf_tensors_hf
+
+    q = quantized(wide, bits, group_size)
+    path = tmp_path / "k.gguf"
+    summary = export_gguf(q, resolve_model(wide["src"]), path, ggml_type=ggml_type, stats=wide["stats"],
+                          keep_solved=True)
+    assert summary.counts() == {"F32": 4, ggml_type: 7} and not summary.fallback
+    for losses in summary.kquant.values():
+        assert losses["solved"] < losses["projected"]
+    report = check_gguf_export(path, q, expected=summary.solved)
+    report.raise_if_failed()
+    assert report.finding("gguf.kquant").status == "pass"
+    model = AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file=path.name, dtype=torch.float32)
+    state = model.state_dict()
+    for name, (arr, _) in gguf_tensors_hf(path).items():
+        assert np.array_equal(state[gguf_to_hf_name(name)].numpy(), arr), name
+
+
+def test_kquant_export_needs_stats_and_matching_checkpoint(wide, tmp_path):
+    q = quantized(wide, 4, 32)
+    res = cli("export", q, "--gguf", tmp_path / "k.gguf", "--type", "Q4_K", ok=False)
+    assert res.exit_code == 2 and "--stats" in res.output
+    res = cli("export", q, "--gguf", tmp_path / "k.gguf", "--type", "Q2_K", "--stats", wide["stats"], ok=False)
+    assert res.exit_code == 2 and "--group-size 16" in " ".join(res.output.replace("│", " ").split())
+    res = cli("export", q, "--gguf", tmp_path / "k.gguf", "--type", "Q3_K", ok=False)
+    assert res.exit_code == 2 and "--type" in res.output
+    assert not (tmp_path / "k.gguf").exists()

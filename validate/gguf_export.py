@@ -7,6 +7,9 @@ of ggml's), its rows put back in HF order (attn_q / attn_k un-permuted), and hel
 * ``gguf.exact``: a quantized linear equals d·q + m computed in float32 from the checkpoint's
   codes with (s, z) rounded to fp16 — bit for bit; an F32 fallback and every other tensor equal
   the checkpoint's float32 values bit for bit.
+* ``gguf.kquant``: a K-quant linear (a new solve on the K grid, not the checkpoint's Ŵ) equals
+  the Ŵ its solver computed (``expected``: GGUF name → float32 array, e.g. the export summary's
+  ``solved``), bit for bit; skipped without ``expected``.
 * ``gguf.fp16``: and so it equals the checkpoint's Ŵ = s·q + z to fp16 rounding of (s, z):
   |Ŵ_gguf − Ŵ| ≤ q·|s − fp16(s)| + |z − fp16(z)| + 4·ε₃₂·(|s·q| + |z|) per weight (an F32
   fallback: ε₃₂·|Ŵ|, its one rounding to float32).
@@ -17,10 +20,11 @@ of ggml's), its rows put back in HF order (attn_q / attn_k un-permuted), and hel
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Mapping
 
 import numpy as np
 
-from .report import FAIL, PASS, Report
+from .report import FAIL, PASS, SKIP, Report
 
 EPS32 = float(np.finfo(np.float32).eps)
 
@@ -49,8 +53,12 @@ def fp16_reference(layer: object) -> tuple[np.ndarray, np.ndarray]:
     return d * q + m, bound
 
 
-def check_gguf_export(gguf_path: str | Path, folder: str | Path) -> Report:
-    """Findings gguf.tensors, gguf.exact, gguf.fp16 (module docstring) for an exported file."""
+KQUANT_TYPES = ("Q2_K", "Q4_K", "Q5_K")
+
+
+def check_gguf_export(gguf_path: str | Path, folder: str | Path,
+                      expected: Mapping[str, np.ndarray] | None = None) -> Report:
+    """Findings gguf.tensors, gguf.exact, gguf.kquant, gguf.fp16 (module docstring)."""
     from decoupleq_ref.model.checkpoint import QUANT_SUFFIXES, packed_layer, read_checkpoint_tensors
     from decoupleq_ref.model.weights import hf_to_gguf_name
 
@@ -58,7 +66,7 @@ def check_gguf_export(gguf_path: str | Path, folder: str | Path) -> Report:
     config, tensors = read_checkpoint_tensors(Path(folder), "folder")
     got = gguf_tensors_hf(gguf_path)
     quant_keys = {f"{n}.{s}" for n in config["layers"] for s in QUANT_SUFFIXES}
-    missing, inexact, beyond = [], [], []
+    missing, inexact, beyond, k_wrong, k_unchecked = [], [], [], [], []
     worst = 0.0
     for name, info in config["layers"].items():
         gname = hf_to_gguf_name(f"{name}.weight")
@@ -66,6 +74,12 @@ def check_gguf_export(gguf_path: str | Path, folder: str | Path) -> Report:
             missing.append(gname)
             continue
         arr, kind = got[gname]
+        if kind in KQUANT_TYPES:
+            if expected is None or gname not in expected:
+                k_unchecked.append(gname)
+            elif not np.array_equal(arr, np.asarray(expected[gname], np.float32)):
+                k_wrong.append(gname)
+            continue
         layer = packed_layer(tensors, name, info, config["bits"], config["group_size"])
         W_hat = layer.dequantize()
         if kind == "F32":
@@ -95,6 +109,12 @@ def check_gguf_export(gguf_path: str | Path, folder: str | Path) -> Report:
     rep.add("gguf.exact", FAIL if inexact else PASS,
             f"{len(inexact)} tensors differ from the checkpoint with fp16 (s, z): {inexact[:8]}" if inexact
             else "every tensor reads back bit for bit as the checkpoint with fp16 (s, z)")
+    if k_wrong or not k_unchecked:
+        rep.add("gguf.kquant", FAIL if k_wrong else PASS,
+                f"{len(k_wrong)} K-quant tensors differ from their solve: {k_wrong[:8]}" if k_wrong
+                else "every K-quant tensor reads back bit for bit as its solve (or there are none)")
+    else:
+        rep.add("gguf.kquant", SKIP, f"{len(k_unchecked)} K-quant tensors not compared: pass expected=")
     rep.add("gguf.fp16", FAIL if beyond else PASS,
             f"{len(beyond)} tensors further from Ŵ than fp16 rounding of (s, z) explains: {beyond[:8]}" if beyond
             else f"within fp16 rounding of (s, z) of the checkpoint's Ŵ (max |ΔŴ| {worst:.3g})", value=worst)

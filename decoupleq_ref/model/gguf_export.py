@@ -7,6 +7,13 @@ its blocks repeat the group's (s, z)). A checkpoint of up to 4 bits exports as Q
 Q5_1; the only change is (s, z) rounded to fp16. A linear whose rows are not a multiple of 32
 columns has no such blocks: it falls back to F32 (its Ŵ, exactly) and the summary names it.
 
+The K-quants with a min (Q2_K, Q4_K, Q5_K: super-blocks of 256 with integer sub-scales and
+sub-mins under fp16 super-scales) are decoupleQ with a second integer/float level: a W2 g16 (Q2_K)
+or W4 / W5 g32 (Q4_K / Q5_K) checkpoint is projected onto the grid and re-solved on the layer's H
+(``--stats``) by decoupleq_ref.kquant. Rows that are not whole super-blocks fall back, as in
+llama.cpp, to a 32-block type: the checkpoint's exact one (Q4_1 / Q5_1), or F32 when its groups
+are smaller than 32.
+
 Everything else in the checkpoint (embeddings, norms, an untied output head) is written as F32,
 as the checkpoint holds it. Metadata comes from the source model: a GGUF source's key/values
 (tokenizer included) are copied; a HF Llama directory's config.json gives the hyperparameters and
@@ -22,10 +29,12 @@ from pathlib import Path
 
 import numpy as np
 
+from ..kquant import KSPECS, SUPER, project_to_kgrid, solve_kquant
 from ..matmul import PackedLayer
+from ..objective import layer_loss
 from .atomic import atomic_write
 from .checkpoint import CONFIG_NAME, QUANT_SUFFIXES, packed_layer, read_checkpoint_tensors
-from .ggml_blocks import BLOCK, encode_blocks
+from .ggml_blocks import BLOCK, encode_blocks, encode_kquant
 from .gguf_tokenizer import tokenizer_metadata
 from .source import ModelSource
 from .weights import gguf_field, gguf_heads, gguf_row_order, hf_to_gguf_name
@@ -33,7 +42,9 @@ from .weights import gguf_field, gguf_heads, gguf_row_order, hf_to_gguf_name
 #: exact type per bit width (codes 0 … 2^b − 1 fit the type's 0 … 15 / 0 … 31)
 EXACT_TYPE = {2: "Q4_1", 3: "Q4_1", 4: "Q4_1", 5: "Q5_1"}
 #: llama.cpp's general.file_type of a model whose linears are mostly this type
-FILE_TYPE = {"Q4_1": 3, "Q5_1": 9}
+FILE_TYPE = {"Q4_1": 3, "Q5_1": 9, "Q2_K": 10, "Q4_K": 14, "Q5_K": 16}
+#: every type ``--type`` takes
+GGUF_TYPES = tuple(FILE_TYPE)
 #: GGUF key/values that describe the tensors, not the model: rewritten, never copied
 TENSOR_KEYS = ("general.file_type", "general.quantization_version", "general.architecture")
 
@@ -46,6 +57,11 @@ class ExportSummary:
     types: dict[str, str] = field(default_factory=dict)
     fallback: dict[str, str] = field(default_factory=dict)  # GGUF name → why
     notes: list[str] = field(default_factory=list)
+    #: K-quant linears: GGUF name → H-losses of the checkpoint's Ŵ, its projection onto the
+    #: grid and the constrained solve
+    kquant: dict[str, dict[str, float]] = field(default_factory=dict)
+    #: with keep_solved: GGUF name → the K-quant Ŵ as ggml decodes it (float32, HF row order)
+    solved: dict[str, np.ndarray] = field(default_factory=dict)
 
     def counts(self) -> dict[str, int]:
         out: dict[str, int] = {}
@@ -84,16 +100,53 @@ def block_params(layer: PackedLayer) -> tuple[np.ndarray, np.ndarray, np.ndarray
 
 
 def linear_tensor(layer: PackedLayer, ggml_type: str) -> tuple[np.ndarray, str, str | None]:
-    """(array to write, its ggml type, why it fell back or None) of one quantized linear, rows in
-    HF order. Rows that are not whole blocks of 32 fall back to F32 Ŵ, as llama.cpp falls back
-    for tensors its block type cannot hold."""
-    if layer.hp_channels:
-        raise ValueError("QMODEL: layers with an fp16 branch (--hp-channels) have no GGUF type; "
-                         "quantize without --hp-channels to export")
+    """(array to write, its ggml type, why it fell back or None) of one quantized linear in an
+    exact type, rows in HF order. Rows that are not whole blocks of 32 fall back to F32 Ŵ, as
+    llama.cpp falls back for tensors its block type cannot hold."""
     n_in = layer.shape[1]
-    if n_in % BLOCK:
+    if ggml_type == "F32" or n_in % BLOCK:
         return layer.dequantize().astype(np.float32), "F32", f"{n_in} columns are not a multiple of {BLOCK}"
     return encode_blocks(ggml_type, *block_params(layer)), ggml_type, None
+
+
+def kquant_types(bits: int, group_size: int, ggml_type: str) -> str:
+    """The fallback type of a K-quant export (the checkpoint's exact type, else F32); ValueError
+    when the checkpoint's bits / group size are not the K-quant's codes / sub-blocks."""
+    spec = KSPECS[ggml_type]
+    if (bits, group_size) != (spec.bits, spec.sub):
+        raise ValueError(f"--type: {ggml_type} holds {spec.bits}-bit codes in sub-blocks of {spec.sub}; quantize "
+                         f"with --bits {spec.bits} --group-size {spec.sub} (this checkpoint: W{bits} g{group_size})")
+    try:
+        return exact_type(bits, group_size)
+    except ValueError:
+        return "F32"
+
+
+def chosen_type(bits: int, group_size: int, ggml_type: str | None) -> tuple[str, str]:
+    """(type of the quantized linears, their fallback type) for ``--type`` (None: the exact one)."""
+    if ggml_type is None:
+        exact = exact_type(bits, group_size)
+        return exact, exact
+    if ggml_type not in GGUF_TYPES:
+        raise ValueError(f"--type: {ggml_type!r} is not one of {', '.join(GGUF_TYPES)}")
+    if ggml_type in KSPECS:
+        return ggml_type, kquant_types(bits, group_size, ggml_type)
+    exact = exact_type(bits, group_size)
+    if ggml_type == "Q4_1" and exact == "Q5_1":
+        raise ValueError("--type: 5-bit codes do not fit Q4_1; pass --type Q5_1")
+    return ggml_type, ggml_type
+
+
+def kquant_tensor(layer: PackedLayer, ggml_type: str, W: np.ndarray, H: np.ndarray, solver: dict
+                  ) -> tuple[np.ndarray, dict[str, float], np.ndarray]:
+    """(bytes, H-losses, ggml's Ŵ) of one linear on the ``ggml_type`` grid: the checkpoint's codes and
+    (s, z) projected onto it, then the constrained solve (decoupleq_ref.kquant) on H."""
+    start = project_to_kgrid(layer.codes(), layer.scale, layer.zero, KSPECS[ggml_type])
+    solved = solve_kquant(W, H, start, damp=solver.get("damp", 0.01), act_order=solver.get("act_order", True),
+                          block_size=solver.get("block_size", 128))
+    losses = {"checkpoint": layer_loss(W, layer.dequantize(), H), "projected": layer_loss(W, start.dequantize(), H),
+              "solved": layer_loss(W, solved.dequantize(), H)}
+    return encode_kquant(solved), losses, solved.dequantize_ggml()
 
 
 def llama_config_metadata(folder: Path) -> tuple[list[tuple[str, object, str]], int, int]:
@@ -154,13 +207,27 @@ def add_metadata(writer: object, kv: list[tuple[str, object, str]]) -> None:
             scalar[kind](key, value)
 
 
-def export_gguf(folder: Path, source: ModelSource, out: Path) -> ExportSummary:
+def export_gguf(folder: Path, source: ModelSource, out: Path, ggml_type: str | None = None,
+                stats: Path | None = None, keep_solved: bool = False) -> ExportSummary:
     """Write checkpoint ``folder`` (quantized from ``source``) to ``out`` as a GGUF; atomic (a
-    temporary file renamed at the end). Returns what was written."""
+    temporary file renamed at the end). ``ggml_type``: None for the exact type of the checkpoint,
+    or one of GGUF_TYPES; the K-quants need ``stats`` (calibrate's folder: H per linear).
+    Returns what was written."""
     from gguf import GGMLQuantizationType, GGUFReader, GGUFWriter
 
+    from .progress import progress_bar
+    from .stats import CalibrationStats, layer_weight
+    from .weights import read_weights
+
     config, tensors = read_checkpoint_tensors(folder, "QMODEL")
-    ggml_type = exact_type(config["bits"], config["group_size"])
+    ggml_type, fallback_type = chosen_type(config["bits"], config["group_size"], ggml_type)
+    calib = weights = None
+    if ggml_type in KSPECS:
+        if stats is None:
+            raise ValueError(f"--stats: {ggml_type} is re-solved on each layer's H; pass the folder written by "
+                             "`decoupleq calibrate` for this model")
+        calib = CalibrationStats.load(Path(stats))
+        weights = read_weights(source)
     if source.is_gguf:
         reader = GGUFReader(str(source.path))
         if gguf_field(reader, "general.architecture") != "llama":
@@ -175,13 +242,30 @@ def export_gguf(folder: Path, source: ModelSource, out: Path) -> ExportSummary:
     summary = ExportSummary(Path(out))
     if not source.is_gguf and why:
         summary.notes.append(f"no tokenizer in the file ({why}); load it from {source.describe()}")
-    for hf_name, layer_info in config["layers"].items():
-        gguf_name = _gguf_name(f"{hf_name}.weight")
-        layer = packed_layer(tensors, hf_name, layer_info, config["bits"], config["group_size"])
-        arr, kind, why = linear_tensor(layer, ggml_type)
-        arrays[gguf_name] = (gguf_row_order(gguf_name, arr, n_head, n_kv), kind)
-        if why:
-            summary.fallback[gguf_name] = why
+    with progress_bar("export", len(config["layers"])) as advance:
+        for hf_name, layer_info in config["layers"].items():
+            gguf_name = _gguf_name(f"{hf_name}.weight")
+            layer = packed_layer(tensors, hf_name, layer_info, config["bits"], config["group_size"])
+            if layer.hp_channels:
+                raise ValueError("QMODEL: layers with an fp16 branch (--hp-channels) have no GGUF type; "
+                                 "quantize without --hp-channels to export")
+            if ggml_type in KSPECS and layer.shape[1] % SUPER == 0:
+                if hf_name not in calib.hessians:
+                    raise ValueError(f"--stats: no H for {hf_name}; pass the stats folder of this model")
+                W = layer_weight(weights, hf_name, calib.layers[hf_name]).astype(np.float64)
+                arr, summary.kquant[gguf_name], W_hat = kquant_tensor(layer, ggml_type, W, calib.hessians[hf_name],
+                                                                      config.get("solver", {}))
+                kind, why = ggml_type, None
+                if keep_solved:
+                    summary.solved[gguf_name] = W_hat
+            else:
+                arr, kind, why = linear_tensor(layer, fallback_type)
+                if ggml_type in KSPECS:
+                    why = f"{layer.shape[1]} columns are not a multiple of {SUPER}; {kind} instead"
+            arrays[gguf_name] = (gguf_row_order(gguf_name, arr, n_head, n_kv), kind)
+            if why:
+                summary.fallback[gguf_name] = why
+            advance()
     for hf_name, arr in tensors.items():
         if hf_name not in quant_keys:
             gguf_name = _gguf_name(hf_name)
