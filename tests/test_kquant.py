@@ -95,3 +95,25 @@ def test_rows_off_the_super_block_are_refused():
     res = dq.quantize_layer(W, H, dq.QuantConfig(bits=4, group_size=32, method="rtn"))
     with pytest.raises(ValueError, match="super-blocks of 256"):
         solve_kquant(W, H, project_to_kgrid(res.q, res.scale, res.zero, spec))
+
+
+def test_llamacpp_baseline_is_a_sound_kquant():
+    """The baseline (validate.kquant_baseline) gives a valid grid point whose weighted search beats
+    its own first candidate (plain min-max) on the loss it weighs, and on a layer with correlated
+    activations the constrained decoupleQ solve beats it on H."""
+    from validate.kquant_baseline import llamacpp_kquant, weighted_minmax_search
+
+    rng = np.random.default_rng(5)
+    x, w = rng.standard_t(5, (200, 32)), rng.uniform(0.1, 2.0, (200, 32))
+    scale, neg_min = weighted_minmax_search(x, w, 15, -0.9, 0.05, 36)
+    plain_scale, plain_neg_min = weighted_minmax_search(x, w, 15, -0.9, 0.05, -1)  # no trial: min-max only
+
+    def werr(s, nm):
+        q = np.clip(np.floor((x + nm[:, None]) / s[:, None] + 0.5), 0, 15)
+        return (w * (s[:, None] * q - nm[:, None] - x) ** 2).sum()
+
+    assert werr(scale, neg_min) < 0.9 * werr(plain_scale, plain_neg_min)
+    W, H, _, start = free_and_start("Q4_K", seed=4, out=16)
+    base = llamacpp_kquant(W, np.diag(H), KSPECS["Q4_K"])
+    assert base.sc.max() <= 63 and base.m.max() <= 63 and base.q.max() <= 15
+    assert layer_loss(W, solve_kquant(W, H, start).dequantize(), H) < layer_loss(W, base.dequantize(), H)
