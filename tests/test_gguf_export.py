@@ -208,3 +208,26 @@ def test_kquant_export_needs_stats_and_matching_checkpoint(wide, tmp_path):
     res = cli("export", q, "--gguf", tmp_path / "k.gguf", "--type", "Q3_K", ok=False)
     assert res.exit_code == 2 and "--type" in res.output
     assert not (tmp_path / "k.gguf").exists()
+
+
+def test_a_gguf_source_round_trips(wide, tmp_path):
+    """A checkpoint made from a GGUF model exports with the source's metadata copied (tokenizer
+    included): it reads back as the checkpoint, its tokenizer is the source's, and transformers'
+    loader gives `eval --quantized`'s perplexity on the same GGUF model."""
+    from gguf import GGUFReader
+
+    export(quantized(wide, 4, 32), tmp_path / "src.gguf")
+    stats = save_random_stats(tmp_path / "src.gguf", tmp_path / "stats", seed=1)
+    q = tmp_path / "q"
+    cli("quantize", tmp_path / "src.gguf", "--stats", stats, "--out", q, "--bits", 5, "--group-size", 32,
+        "--method", "rtn", "--backend", "numpy")
+    summary = export(q, tmp_path / "out.gguf")  # --model defaults to the GGUF the checkpoint records
+    assert summary["tensors"] == {"F32": 4, "Q5_1": 7}
+    check_gguf_export(tmp_path / "out.gguf", q).raise_if_failed()
+    src, out = GGUFReader(str(tmp_path / "src.gguf")), GGUFReader(str(tmp_path / "out.gguf"))
+    for key in ("tokenizer.ggml.tokens", "tokenizer.ggml.token_type", "llama.attention.head_count_kv"):
+        assert out.fields[key].contents() == src.fields[key].contents(), key
+    res = cli("eval", tmp_path / "src.gguf", "--quantized", q, "--text", wide["text"], "--seqlen", 64,
+              "--max-tokens", 512, "--json", "--device", "cpu")
+    want = json.loads(res.stdout.strip().splitlines()[-1])["perplexity"]
+    assert gguf_perplexity(wide, tmp_path / "out.gguf") == pytest.approx(want, rel=1e-4)

@@ -219,6 +219,11 @@ def export_gguf(folder: Path, source: ModelSource, out: Path, ggml_type: str | N
     from .stats import CalibrationStats, layer_weight
     from .weights import read_weights
 
+    out = Path(out)
+    if out.is_dir():
+        raise ValueError(f"--gguf: {out} is a folder; pass a file name such as model.gguf")
+    if not out.parent.is_dir():
+        raise ValueError(f"--gguf: folder {out.parent} does not exist; create it or pass another path")
     config, tensors = read_checkpoint_tensors(folder, "QMODEL")
     ggml_type, fallback_type = chosen_type(config["bits"], config["group_size"], ggml_type)
     calib = weights = None
@@ -235,13 +240,13 @@ def export_gguf(folder: Path, source: ModelSource, out: Path, ggml_type: str | N
         n_head, n_kv = gguf_heads(reader)
     else:
         kv, n_head, n_kv = llama_config_metadata(source.folder)
-        tokenizer_kv, why = tokenizer_metadata(source.folder)
+        tokenizer_kv, no_tokenizer = tokenizer_metadata(source.folder)
         kv += tokenizer_kv
     quant_keys = {f"{n}.{s}" for n in config["layers"] for s in QUANT_SUFFIXES}
     arrays: dict[str, tuple[np.ndarray, str]] = {}
     summary = ExportSummary(Path(out))
-    if not source.is_gguf and why:
-        summary.notes.append(f"no tokenizer in the file ({why}); load it from {source.describe()}")
+    if not source.is_gguf and no_tokenizer:
+        summary.notes.append(f"no tokenizer in the file ({no_tokenizer}); load it from {source.describe()}")
     with progress_bar("export", len(config["layers"])) as advance:
         for hf_name, layer_info in config["layers"].items():
             gguf_name = _gguf_name(f"{hf_name}.weight")
@@ -290,11 +295,6 @@ def export_gguf(folder: Path, source: ModelSource, out: Path, ggml_type: str | N
         writer.write_tensors_to_file()
         writer.close()
 
-    out = Path(out)
-    if out.is_dir():
-        raise ValueError(f"--gguf: {out} is a folder; pass a file name such as model.gguf")
-    if not out.parent.is_dir():
-        raise ValueError(f"--gguf: folder {out.parent} does not exist; create it or pass another path")
     atomic_write(out, write)
     return summary
 
