@@ -62,9 +62,10 @@ def test_model_commands_print_no_foreign_progress_bars(tmp_path):
                       "--device", "cpu", cwd=tmp_path),
             decoupleq("run", tmp_path / "m.gguf", "--text", text, "--nsamples", 2, "--seqlen", 32, "--bits", 4,
                       "--group-size", 32, "--backend", "numpy", "--block-epochs", 1, "--out", tmp_path / "qr",
-                      "--device", "cpu", cwd=tmp_path),
+                      "--device", "cpu", "--format", "gguf", cwd=tmp_path),
             decoupleq("eval", tmp_path / "m.gguf", "--quantized", tmp_path / "qr", "--text", text, "--seqlen", 32,
                       "--max-tokens", 128, "--device", "cpu", cwd=tmp_path)]
     assert "wrote" in runs[1].stderr  # our own lines do reach stderr
+    assert (tmp_path / "qr" / "model.gguf").is_file()  # run --format gguf
     for res in runs:
         assert not FOREIGN_BAR.search(res.stderr), res.stderr

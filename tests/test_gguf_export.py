@@ -231,3 +231,19 @@ def test_a_gguf_source_round_trips(wide, tmp_path):
               "--max-tokens", 512, "--json", "--device", "cpu")
     want = json.loads(res.stdout.strip().splitlines()[-1])["perplexity"]
     assert gguf_perplexity(wide, tmp_path / "out.gguf") == pytest.approx(want, rel=1e-4)
+
+
+def test_quantize_format_gguf_writes_the_file_beside_the_checkpoint(wide, tmp_path):
+    """quantize --format gguf: the checkpoint and OUT/model.gguf (its exact export); a type-less
+    setting is refused before any work."""
+    out = tmp_path / "q"
+    cli("quantize", wide["src"], "--stats", wide["stats"], "--out", out, "--bits", 4, "--group-size", 64,
+        "--method", "rtn", "--backend", "numpy", "--format", "gguf")
+    assert (out / CONFIG_NAME).exists()
+    check_gguf_export(out / "model.gguf", out).raise_if_failed()
+    res = cli("quantize", wide["src"], "--stats", wide["stats"], "--out", tmp_path / "q6", "--bits", 6,
+              "--method", "rtn", "--backend", "numpy", "--format", "gguf", ok=False)
+    assert res.exit_code == 2 and "--format gguf" in " ".join(res.output.replace("│", " ").split())
+    assert not (tmp_path / "q6").exists()
+    res = cli("quantize", wide["src"], "--stats", wide["stats"], "--out", tmp_path / "qx", "--format", "onnx", ok=False)
+    assert res.exit_code == 2 and "--format" in res.output

@@ -327,3 +327,26 @@ def default_source(folder: Path) -> str | None:
     except (OSError, json.JSONDecodeError):
         return None
     return recorded if recorded and os.path.exists(recorded) else None
+
+
+#: what ``--format`` on quantize / run writes: the checkpoint folder, or also OUT/GGUF_NAME
+OUTPUT_FORMATS = ("checkpoint", "gguf")
+GGUF_NAME = "model.gguf"
+
+
+def check_output_format(fmt: str, bits: int, group_size: int) -> None:
+    """ValueError naming --format before a long run whose GGUF could not be written."""
+    if fmt not in OUTPUT_FORMATS:
+        raise ValueError(f"--format: {fmt!r} is not one of {', '.join(OUTPUT_FORMATS)}")
+    if fmt == "gguf":
+        try:
+            exact_type(bits, group_size)
+        except ValueError as e:
+            raise ValueError(f"--format gguf: {str(e).split(': ', 1)[1]}") from None
+
+
+def write_output_format(fmt: str, out: Path, source: ModelSource) -> ExportSummary | None:
+    """With ``--format gguf``, checkpoint ``out`` also as ``out/model.gguf`` in its exact type."""
+    if fmt != "gguf":
+        return None
+    return export_gguf(Path(out), source, Path(out) / GGUF_NAME)
