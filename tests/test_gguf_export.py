@@ -247,3 +247,23 @@ def test_quantize_format_gguf_writes_the_file_beside_the_checkpoint(wide, tmp_pa
     assert not (tmp_path / "q6").exists()
     res = cli("quantize", wide["src"], "--stats", wide["stats"], "--out", tmp_path / "qx", "--format", "onnx", ok=False)
     assert res.exit_code == 2 and "--format" in res.output
+
+
+def test_kquant_rows_off_the_super_block_fall_back_to_the_exact_type(tmp_path):
+    """Hidden size 320 (a multiple of 32, not of 256): the six linears reading it fall back to
+    Q4_1 — the checkpoint exactly — and are named; ffn_down (512 columns) is Q4_K."""
+    from decoupleq_ref.model.gguf_export import export_gguf
+    from decoupleq_ref.model.source import resolve_model
+
+    src = save_tiny(tmp_path / "src", "llama", hidden_size=320, intermediate_size=512, num_hidden_layers=1,
+                    num_attention_heads=4, num_key_value_heads=2)
+    stats = save_random_stats(src, tmp_path / "stats")
+    cli("quantize", src, "--stats", stats, "--out", tmp_path / "q", "--bits", 4, "--group-size", 32,
+        "--method", "rtn", "--backend", "numpy")
+    summary = export_gguf(tmp_path / "q", resolve_model(src), tmp_path / "k.gguf", ggml_type="Q4_K", stats=stats,
+                          keep_solved=True)
+    assert summary.counts() == {"F32": 4, "Q4_1": 6, "Q4_K": 1}
+    assert set(summary.fallback) == {f"blk.0.{n}.weight" for n in
+                                     ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up")}
+    assert all("not a multiple of 256; Q4_1 instead" in why for why in summary.fallback.values())
+    check_gguf_export(tmp_path / "k.gguf", tmp_path / "q", expected=summary.solved).raise_if_failed()
