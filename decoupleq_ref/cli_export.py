@@ -27,7 +27,7 @@ def export_cmd(
     stats: Optional[Path] = typer.Option(None, "--stats", help="calibrate's folder (H per linear), for K-quants"),
     json_out: bool = typer.Option(False, "--json", help="print the summary as one JSON line on stdout"),
 ) -> None:
-    """Write QMODEL as a GGUF file: W2–W4 as ggml Q4_1, W5 as Q5_1, exactly (the scales and zeros
+    """Write QMODEL as a GGUF file: W1–W4 as ggml Q4_1, W5 as Q5_1, exactly (the scales and zeros
     rounded to fp16; group size 32, a multiple of it, or -1); or on a K-quant grid (--type)."""
     from .model.gguf_export import default_source, export_gguf
     from .model.source import resolve_model

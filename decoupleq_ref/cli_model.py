@@ -152,7 +152,7 @@ def quantize_cmd(
     ray_address: Optional[str] = typer.Option(None, help="ray: 'auto' or ray://host:port of a running "
                                               "cluster; default: start a local one"),
     fmt: str = typer.Option("checkpoint", "--format", help="checkpoint (the --out folder), or gguf: also "
-                            "OUT/model.gguf for llama.cpp in the exact type (W2-W4 Q4_1, W5 Q5_1; decoupleq export)"),
+                            "OUT/model.gguf for llama.cpp in the exact type (W1-W4 Q4_1, W5 Q5_1; decoupleq export)"),
 ) -> None:
     """Solve every calibrated linear layer-wise and write the checkpoint. Never imports torch."""
     from .model.quantize import quantize_model
@@ -229,7 +229,7 @@ def run_cmd(
     overwrite: bool = typer.Option(False, help="replace an existing --out instead of resuming"),
     device: str = device_option(),
     fmt: str = typer.Option("checkpoint", "--format", help="checkpoint (the --out folder), or gguf: also "
-                            "OUT/model.gguf for llama.cpp in the exact type (W2-W4 Q4_1, W5 Q5_1; decoupleq export)"),
+                            "OUT/model.gguf for llama.cpp in the exact type (W1-W4 Q4_1, W5 Q5_1; decoupleq export)"),
 ) -> None:
     """The full procedure block by block: true-sequential layer-wise solve + block-wise stage."""
     from .model.gguf_export import check_output_format, write_output_format

@@ -40,7 +40,7 @@ from .source import ModelSource
 from .weights import gguf_field, gguf_heads, gguf_row_order, hf_to_gguf_name
 
 #: exact type per bit width (codes 0 … 2^b − 1 fit the type's 0 … 15 / 0 … 31)
-EXACT_TYPE = {2: "Q4_1", 3: "Q4_1", 4: "Q4_1", 5: "Q5_1"}
+EXACT_TYPE = {1: "Q4_1", 2: "Q4_1", 3: "Q4_1", 4: "Q4_1", 5: "Q5_1"}
 #: llama.cpp's general.file_type of a model whose linears are mostly this type
 FILE_TYPE = {"Q4_1": 3, "Q5_1": 9, "Q2_K": 10, "Q4_K": 14, "Q5_K": 16}
 #: every type ``--type`` takes
@@ -51,7 +51,8 @@ TENSOR_KEYS = ("general.file_type", "general.quantization_version", "general.arc
 
 @dataclass
 class ExportSummary:
-    """What an export wrote: tensor name → ggml type, and the linears that fell back to F32."""
+    """What an export wrote: tensor name → ggml type, the linears that fell back (why, and to
+    which type), notes, and for K-quants the per-layer H-losses."""
 
     path: Path
     types: dict[str, str] = field(default_factory=dict)
@@ -74,7 +75,7 @@ def exact_type(bits: int, group_size: int) -> str:
     """The ggml type a checkpoint of ``bits`` / ``group_size`` exports to exactly, or ValueError."""
     if bits not in EXACT_TYPE:
         raise ValueError(f"QMODEL: a {bits}-bit checkpoint has no exact GGUF type (Q4_1 holds up to 4 bits, "
-                         "Q5_1 5); quantize with --bits 2…5")
+                         "Q5_1 5); quantize with --bits 1…5")
     if group_size != -1 and group_size % BLOCK:
         raise ValueError(f"QMODEL: group size {group_size} does not split into ggml's blocks of {BLOCK}; "
                          f"quantize with --group-size {BLOCK} (or a multiple, or -1)")
