@@ -106,3 +106,4 @@ def quantize_layer_cmd(
 
 # Commands defined in other modules register themselves on ``app`` when imported.
 from . import cli_model, cli_validate  # noqa: E402,F401
+from . import cli_export  # noqa: E402,F401

@@ -173,13 +173,18 @@ def quantize_cmd(
                                               "cluster; default: start a local one"),
     allow_other_stats: bool = typer.Option(False, help="use --stats recorded for another model (other weights, "
                                            "same shapes) with a warning instead of refusing them"),
+    fmt: str = typer.Option("checkpoint", "--format", help="checkpoint (the --out folder), or gguf: also "
+                            "OUT/model.gguf for llama.cpp in the exact type (W1-W4 Q4_1, W5 Q5_1; decoupleq export)"),
 ) -> None:
     """Solve every calibrated linear layer-wise and write the checkpoint. Never imports torch."""
     from .model.quantize import quantize_model
     from .model.stats import CalibrationStats
 
+    from .model.gguf_export import check_output_format, write_output_format
+
     source = model_source(model)
     cfg = quant_config(bits, group_size, method, iters, hp_channels, hp_select, solver)
+    check_output_format(fmt, bits, group_size)
     solve, backend_name = solver_for(backend)
     calib = CalibrationStats.load(stats)
     t0 = time.perf_counter()
@@ -188,6 +193,8 @@ def quantize_cmd(
                             allow_other_stats=allow_other_stats)
     total = sum(v["loss"] for v in config["layers"].values())
     log(f"wrote {out}: {len(config['layers'])} layers, total loss {total:.6g}, {time.perf_counter() - t0:.0f}s")
+    if write_output_format(fmt, out, source):
+        log(f"wrote {out / 'model.gguf'}")
 
 
 def run_pipeline(source: ModelSource, text: Path, nsamples: int, seqlen: int, seed: int, cfg: QuantConfig,
@@ -245,13 +252,21 @@ def run_cmd(
     out: Path = typer.Option(Path("qmodel"), help="checkpoint folder"),
     overwrite: bool = typer.Option(False, help="replace an existing --out instead of resuming"),
     device: str = device_option(),
+    fmt: str = typer.Option("checkpoint", "--format", help="checkpoint (the --out folder), or gguf: also "
+                            "OUT/model.gguf for llama.cpp in the exact type (W1-W4 Q4_1, W5 Q5_1; decoupleq export)"),
 ) -> None:
     """The full procedure block by block: true-sequential layer-wise solve + block-wise stage."""
+    from .model.gguf_export import check_output_format, write_output_format
+
     cfg = quant_config(bits, group_size, method, iters, hp_channels, hp_select, solver)
+    check_output_format(fmt, bits, group_size)
     t0 = time.perf_counter()
-    config = run_pipeline(model_source(model), text, nsamples, seqlen, seed, cfg, backend, block_epochs,
+    source = model_source(model)
+    config = run_pipeline(source, text, nsamples, seqlen, seed, cfg, backend, block_epochs,
                           block_lr, out, overwrite, device=device)
     log(f"wrote {out}: {len(config['layers'])} layers in {time.perf_counter() - t0:.0f}s")
+    if write_output_format(fmt, out, source):
+        log(f"wrote {out / 'model.gguf'}")
 
 
 def eval_pipeline(source: ModelSource, quantized: Optional[Path], text: Path, seqlen: int,
@@ -273,7 +288,7 @@ def eval_pipeline(source: ModelSource, quantized: Optional[Path], text: Path, se
     if quantized is None:
         return {**result, **evaluate(fp, windows)}
     q = copy.deepcopy(fp)  # one load (slow for GGUF); every quantized tensor is then overwritten
-    config = load_quantized(q, quantized, packed=packed)
+    config = load_quantized(q, quantized, packed=packed, arg="--quantized")
     return {**result, "quantized": str(quantized), "bits": config["bits"], "group_size": config["group_size"],
             "method": config["method"], "packed": packed, **evaluate(q, windows, reference=fp)}
 

@@ -9,10 +9,11 @@
     check_kernel(my_matmul).defects                        # a packed kernel, with named layout mistakes
     validate_checkpoint("ckpt_dir").ok                     # every packed layer vs its fake-quant weights
     check_q4_1(result, q, d, m).ok                         # W4 g32 on a Q4_1-rounded weight: llama.cpp's integers
+    check_gguf_export("m.gguf", "qmodel/").ok              # an exported GGUF, read back by gguf-py, is its checkpoint
 
 Modules, each importing only those above it: report, policy (tolerances), adapters
 (conventions, loading an implementation), suite (cases, manifest, hashes), exact, layout,
-check, kernel, checkpoint, ggml_q4_1, compare, conformance (strategies and official_style stand
+check, kernel, checkpoint, ggml_q4_1, gguf_export, compare, conformance (strategies and official_style stand
 alone); the scripts make_suite, ggml_check and policy_evidence are run with ``python -m`` and not
 imported here. tests/test_validate_imports.py keeps it so.
 
@@ -26,10 +27,11 @@ from .checkpoint import validate_checkpoint
 from .compare import assert_agree, compare, compare_checkpoints
 from .conformance import load_suite, run_suite
 from .ggml_q4_1 import check_q4_1
+from .gguf_export import check_gguf_export
 from .kernel import check_kernel
 from .policy import CUDA, NUMBA, Agreement, Policy
 from .report import Finding, Report
 
 __all__ = ["CUDA", "NUMBA", "Agreement", "Finding", "Policy", "Report", "assert_agree", "check_kernel",
-           "check_q4_1", "check_result", "compare", "compare_checkpoints", "load_suite", "run_suite",
+           "check_gguf_export", "check_q4_1", "check_result", "compare", "compare_checkpoints", "load_suite", "run_suite",
            "validate_checkpoint"]

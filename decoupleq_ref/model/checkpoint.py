@@ -284,15 +284,16 @@ def finished_with(folder: Path, header: dict) -> dict | None:
     return config if {k: config.get(k) for k in header} == json.loads(json.dumps(header)) else None
 
 
-def read_checkpoint_tensors(folder: Path) -> tuple[dict, dict[str, np.ndarray]]:
+def read_checkpoint_tensors(folder: Path, option: str = "--quantized") -> tuple[dict, dict[str, np.ndarray]]:
     """(config, every tensor of model.safetensors) of a finished checkpoint, checked: the config's
-    fields, each quantized linear's tensors (dtype, shape from the header; then PackedLayer's checks)."""
-    config = checkpoint_config(folder)
+    fields, each quantized linear's tensors (dtype, shape from the header; then PackedLayer's checks).
+    Errors name ``option``, the argument that passed the folder."""
+    config = checkpoint_config(folder, option)
     path = Path(folder) / WEIGHTS_NAME
-    check_checkpoint_tensors(path, safetensors_header(path, "--quantized", REWRITE)[0], config)
-    tensors, _ = read_safetensors(path, "--quantized", REWRITE)
+    check_checkpoint_tensors(path, safetensors_header(path, option, REWRITE)[0], config)
+    tensors, _ = read_safetensors(path, option, REWRITE)
     for name in config["layers"]:  # every layout check of PackedLayer, with the file named
-        checked_packed_layer(folder, tensors, name, config)
+        checked_packed_layer(folder, tensors, name, config, option)
     return config, tensors
 
 
@@ -302,17 +303,18 @@ def read_checkpoint(folder: Path) -> tuple[dict, dict[str, PackedLayer]]:
     config is quantization_config.json (bits, group_size, method, per-layer loss, ...); each
     PackedLayer holds the stored packed codes, float32 scales/zeros and the fp16 branch if any,
     so ``PackedLayer.dequantize()`` / ``decoupleq_ref.matmul`` give the layer's Ŵ / x @ Ŵᵀ."""
-    config, tensors = read_checkpoint_tensors(folder)
-    return config, {name: checked_packed_layer(folder, tensors, name, config) for name in config["layers"]}
+    config, tensors = read_checkpoint_tensors(folder, "folder")
+    return config, {name: checked_packed_layer(folder, tensors, name, config, "folder") for name in config["layers"]}
 
 
-def checked_packed_layer(folder: Path, tensors: dict[str, np.ndarray], name: str, config: dict) -> PackedLayer:
+def checked_packed_layer(folder: Path, tensors: dict[str, np.ndarray], name: str, config: dict,
+                         option: str = "--quantized") -> PackedLayer:
     """packed_layer of a checkpoint read from disk; a layout PackedLayer refuses (e.g. unsorted
     fp16-branch indices) is a ValueError naming the file."""
     try:
         return packed_layer(tensors, name, config["layers"][name], config["bits"], config["group_size"])
     except ValueError as e:
-        raise ValueError(f"--quantized: {Path(folder) / WEIGHTS_NAME} layer {name}: {one_line(e)}; {REWRITE}") from None
+        raise ValueError(f"{option}: {Path(folder) / WEIGHTS_NAME} layer {name}: {one_line(e)}; {REWRITE}") from None
 
 
 def model_state(config: dict, tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

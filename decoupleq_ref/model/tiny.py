@@ -35,12 +35,16 @@ def save_tiny(folder: Path, arch: str = "llama", seed: int = 0, **overrides) -> 
                                     tie_word_embeddings=True), **overrides})
         model = LlamaForCausalLM(cfg)
     elif arch == "gpt2":
-        model = GPT2LMHeadModel(GPT2Config(vocab_size=256, n_embd=64, n_layer=2, n_head=4, n_positions=256, **overrides))
+        model = GPT2LMHeadModel(GPT2Config(**{**dict(vocab_size=256, n_embd=64, n_layer=2, n_head=4, n_positions=256),
+                                              **overrides}))
     elif arch == "bert":
-        model = BertModel(BertConfig(vocab_size=256, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                                     intermediate_size=128, max_position_embeddings=256, **overrides))
+        model = BertModel(BertConfig(**{**dict(vocab_size=256, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                               intermediate_size=128, max_position_embeddings=256), **overrides}))
     else:
         raise ValueError(f"arch: unknown {arch!r}; choose llama, gpt2 or bert")
+    from .torch_model import quiet_transformers
+
+    quiet_transformers()  # no "Writing model shards" bar
     folder = Path(folder)
     model.save_pretrained(folder)
     byte_tokenizer().save_pretrained(folder)

@@ -14,13 +14,37 @@ from .checkpoint import model_state, packed_layer, read_checkpoint_tensors
 from .source import ModelSource
 
 
+#: transformers modules that draw their own tqdm bar outside transformers' switch
+#: (logging.disable_progress_bar): the GGUF loader's "Converting and de-quantizing GGUF tensors".
+RAW_TQDM_MODULES = ("transformers.modeling_gguf_pytorch_utils",)
+
+
 def quiet_transformers() -> None:
-    """No download/loading progress bars or load reports from transformers: our own bars and
-    errors say what happens."""
+    """No download/loading/saving progress bars or load reports from transformers: our own bars
+    (progress.progress_bar) and errors say what happens. Idempotent."""
+    import importlib
+
     from transformers.utils import logging
 
     logging.set_verbosity_error()
     logging.disable_progress_bar()
+    for module_name in RAW_TQDM_MODULES:
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError:  # the GGUF loader needs the gguf package
+            continue
+        bar = getattr(module, "tqdm", None)
+        if bar is not None and not getattr(bar, "silenced", False):
+            module.tqdm = silenced_tqdm(bar)
+
+
+def silenced_tqdm(bar: type) -> Callable:
+    """``bar`` (a tqdm class) that always starts disabled; iterating it still yields every item."""
+    def silent(*args, **kwargs):
+        return bar(*args, **{**kwargs, "disable": True})
+
+    silent.silenced = True
+    return silent
 
 
 def model_class(source: ModelSource) -> type:
@@ -154,18 +178,25 @@ def set_layer_matrix(module: nn.Module, W_hat: np.ndarray) -> None:
         module.weight.copy_(w.to(module.weight.dtype))
 
 
-def load_state(model: nn.Module, state: dict[str, np.ndarray]) -> None:
-    """Copy a name → array state into the model; ValueError if a name or shape does not fit."""
+def load_state(model: nn.Module, state: dict[str, np.ndarray], arg: str = "folder") -> None:
+    """Copy a name → array state into the model; ValueError naming ``arg`` (the checkpoint's
+    argument: ``folder`` in the API, ``--quantized`` on the command line) if a name or shape does
+    not fit. Tensors that are non-persistent buffers of the model (e.g. BERT's
+    ``embeddings.position_ids``, written to older files but no longer saved by transformers) are
+    skipped, as from_pretrained skips them: the model computes its own."""
     own = model.state_dict()
-    unknown = sorted(set(state) - set(own))
+    not_persisted = {name for name, _ in model.named_buffers()} - set(own)
+    unknown = sorted(set(state) - set(own) - not_persisted)
     if unknown:
-        raise ValueError(f"--quantized: tensors {unknown[:3]} are not in MODEL; the checkpoint was made "
+        raise ValueError(f"{arg}: tensors {unknown[:3]} are not in the model; the checkpoint was made "
                          "from another model: pass the same MODEL as for quantize/run")
     with torch.no_grad():
         for k, v in state.items():
+            if k in not_persisted:
+                continue
             if tuple(own[k].shape) != v.shape:
-                raise ValueError(f"--quantized: {k} is {v.shape} in the checkpoint but {tuple(own[k].shape)} "
-                                 "in MODEL; pass the same MODEL as for quantize/run")
+                raise ValueError(f"{arg}: {k} is {v.shape} in the checkpoint but {tuple(own[k].shape)} "
+                                 "in the model; pass the same MODEL as for quantize/run")
             own[k].copy_(torch.from_numpy(np.ascontiguousarray(v)).to(own[k].dtype))
 
 
@@ -199,12 +230,14 @@ def packed_kernel() -> Callable:
     return matmul
 
 
-def load_quantized(model: nn.Module, folder, packed: bool = False, matmul: Callable | None = None) -> dict:
+def load_quantized(model: nn.Module, folder, packed: bool = False, matmul: Callable | None = None,
+                   arg: str = "folder") -> dict:
     """Put a checkpoint into a transformers model; returns its config. Default: dequantized float
     weights. ``packed``: the quantized linears become PackedLinear modules running ``matmul``
-    (default packed_kernel()) on the stored codes, for true-quant inference."""
-    config, tensors = read_checkpoint_tensors(folder)
-    load_state(model, model_state(config, tensors))
+    (default packed_kernel()) on the stored codes, for true-quant inference. Errors name ``arg``
+    (the CLI passes ``--quantized``)."""
+    config, tensors = read_checkpoint_tensors(folder, arg)
+    load_state(model, model_state(config, tensors), arg)
     if packed:
         kernel = matmul or packed_kernel()
         for name, layer in config["layers"].items():

@@ -41,6 +41,25 @@ def gguf_to_hf_name(name: str) -> str | None:
     return None
 
 
+def hf_to_gguf_name(name: str) -> str | None:
+    """The inverse of gguf_to_hf_name: 'model.layers.3.self_attn.q_proj.weight' →
+    'blk.3.attn_q.weight'; None for a tensor llama.cpp's Llama layout has no name for."""
+    stem, _, leaf = name.rpartition(".")
+    m = re.fullmatch(r"model\.layers\.(\d+)\.(.+)", stem)
+    if m:
+        block = {hf: gg for gg, hf in LLAMA_BLOCK_NAMES.items()}.get(m.group(2))
+        return f"blk.{m.group(1)}.{block}.{leaf}" if block else None
+    glob = {hf: gg for gg, hf in LLAMA_GLOBAL_NAMES.items()}.get(stem)
+    return f"{glob}.{leaf}" if glob else None
+
+
+def permute_rotary(w: np.ndarray, n_head: int) -> np.ndarray:
+    """llama.cpp's Q/K row permutation (the inverse of unpermute_rotary): rows ordered
+    (head, half, pair) → (head, pair, half)."""
+    half = w.shape[0] // n_head // 2
+    return w.reshape(n_head, 2, half, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
 def unpermute_rotary(w: np.ndarray, n_head: int) -> np.ndarray:
     """Undo llama.cpp's Q/K row permutation: rows ordered (head, pair, half) → (head, half, pair)."""
     half = w.shape[0] // n_head // 2
@@ -86,6 +105,16 @@ def hf_row_order(gguf_name: str, a: np.ndarray, n_head: int, n_kv: int) -> np.nd
         return unpermute_rotary(a, n_head)
     if ".attn_k." in gguf_name:
         return unpermute_rotary(a, n_kv)
+    return a
+
+
+def gguf_row_order(gguf_name: str, a: np.ndarray, n_head: int, n_kv: int) -> np.ndarray:
+    """The inverse of hf_row_order: ``a`` (rows first) of HF tensor order in the row order GGUF
+    tensor ``gguf_name`` stores, attn_q / attn_k permuted for llama.cpp's rope layout."""
+    if ".attn_q." in gguf_name:
+        return permute_rotary(a, n_head)
+    if ".attn_k." in gguf_name:
+        return permute_rotary(a, n_kv)
     return a
 
 
