@@ -18,7 +18,8 @@ pytest.importorskip("gguf")
 from typer.testing import CliRunner  # noqa: E402
 
 from decoupleq_ref.cli import app  # noqa: E402
-from decoupleq_ref.model.atomic import read_safetensors, write_safetensors  # noqa: E402
+from decoupleq_ref.model.atomic import write_safetensors  # noqa: E402
+from decoupleq_ref.model.safefiles import read_safetensors  # noqa: E402
 from decoupleq_ref.model.checkpoint import CONFIG_NAME, WEIGHTS_NAME  # noqa: E402
 from decoupleq_ref.model.tiny import save_random_stats, save_tiny  # noqa: E402
 from validate.gguf_export import check_gguf_export  # noqa: E402
@@ -92,7 +93,7 @@ def fp16_checkpoint(q: Path, out: Path) -> Path:
     import shutil
 
     shutil.copytree(q, out)
-    tensors, meta = read_safetensors(out / WEIGHTS_NAME)
+    tensors, meta = read_safetensors(out / WEIGHTS_NAME, "--quantized", "re-run quantize")
     for k in tensors:
         if k.endswith((".scales", ".zeros")):
             tensors[k] = tensors[k].astype(np.float16).astype(np.float32)

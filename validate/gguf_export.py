@@ -24,6 +24,10 @@ from typing import Mapping
 
 import numpy as np
 
+from decoupleq_ref.format import expand_groups
+from decoupleq_ref.model.checkpoint import QUANT_SUFFIXES, packed_layer, read_checkpoint_tensors
+from decoupleq_ref.model.weights import gguf_heads, gguf_tensor_array, hf_to_gguf_name
+
 from .report import FAIL, PASS, SKIP, Report
 
 EPS32 = float(np.finfo(np.float32).eps)
@@ -33,8 +37,6 @@ def gguf_tensors_hf(path: str | Path) -> dict[str, tuple[np.ndarray, str]]:
     """GGUF name → (float32 array in HF row order, ggml type name), decoded by gguf-py."""
     from gguf import GGUFReader
 
-    from decoupleq_ref.model.weights import gguf_heads, gguf_tensor_array
-
     reader = GGUFReader(str(path))
     n_head, n_kv = gguf_heads(reader)
     return {t.name: (gguf_tensor_array(t, n_head, n_kv), t.tensor_type.name) for t in reader.tensors}
@@ -43,8 +45,6 @@ def gguf_tensors_hf(path: str | Path) -> dict[str, tuple[np.ndarray, str]]:
 def fp16_reference(layer: object) -> tuple[np.ndarray, np.ndarray]:
     """(Ŵ from fp16-rounded (s, z) in float32 as ggml computes d·q + m, the per-weight bound on
     its distance to the checkpoint's Ŵ)."""
-    from decoupleq_ref.format import expand_groups
-
     q = layer.codes().astype(np.float32)
     n_in = q.shape[1]
     s, z = (expand_groups(np.asarray(a, np.float64), n_in) for a in (layer.scale, layer.zero))
@@ -59,9 +59,6 @@ KQUANT_TYPES = ("Q2_K", "Q4_K", "Q5_K")
 def check_gguf_export(gguf_path: str | Path, folder: str | Path,
                       expected: Mapping[str, np.ndarray] | None = None) -> Report:
     """Findings gguf.tensors, gguf.exact, gguf.kquant, gguf.fp16 (module docstring)."""
-    from decoupleq_ref.model.checkpoint import QUANT_SUFFIXES, packed_layer, read_checkpoint_tensors
-    from decoupleq_ref.model.weights import hf_to_gguf_name
-
     rep = Report(case=f"gguf {gguf_path}")
     config, tensors = read_checkpoint_tensors(Path(folder), "folder")
     got = gguf_tensors_hf(gguf_path)

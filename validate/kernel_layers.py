@@ -19,6 +19,7 @@ import numpy as np
 
 from decoupleq_ref.format import effective_group_size
 from decoupleq_ref.matmul import PackedLayer
+from decoupleq_ref.model.checkpoint import read_checkpoint
 from decoupleq_ref.packing import pack
 
 DEPLOY_ROWS, DEPLOY_COLS = 2 * 128 + 7, 4096
@@ -81,8 +82,6 @@ def parse_shape(text: str) -> tuple[int, int]:
 
 def checkpoint_layer(spec: str) -> tuple[str, PackedLayer]:
     """'CKPT_DIR:LAYER_NAME' -> (name, the checkpoint's PackedLayer), read with read_checkpoint."""
-    from decoupleq_ref.model.checkpoint import read_checkpoint
-
     folder, sep, name = spec.rpartition(":")
     if not sep or not folder or not name:
         raise ValueError(f"layer: {spec!r} is not CKPT_DIR:LAYER_NAME (e.g. qmodel/:model.layers.0.mlp.down_proj)")

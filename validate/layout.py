@@ -13,7 +13,6 @@ told apart on this layer.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Iterator
 
 import numpy as np
@@ -22,15 +21,7 @@ from decoupleq_ref.format import effective_group_size
 from decoupleq_ref.matmul import PackedLayer
 from decoupleq_ref.packing import packed_row_bytes, unpack
 
-
-@dataclass
-class Mistake:
-    """name: stable id (``defect.<name>`` in reports); description: one sentence for the user;
-    W: the effective weight (out, in) float64 a kernel with this mistake computes."""
-
-    name: str
-    description: str
-    W: np.ndarray = field(repr=False)
+from .layout_maps import Mistake, map_mistakes
 
 
 def _dequant(codes: np.ndarray, s_cols: np.ndarray, z_cols: np.ndarray) -> np.ndarray:
@@ -76,8 +67,6 @@ def layout_mistakes(layer: PackedLayer, dense: np.ndarray | None = None) -> Iter
     """Every listed mistake that changes Ŵ on this layer (see the module doc): the format
     mistakes below, then the tile, row and chunk mistakes of validate.layout_maps (and, when the
     layer's unquantized weights ``dense`` are given, using them instead of the packed ones)."""
-    from .layout_maps import map_mistakes
-
     yield from _format_mistakes(layer)
     yield from map_mistakes(layer, dense)
 

@@ -19,6 +19,7 @@ candidate equal to the correct Ŵ on the layer is left out.
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Iterator
 
 import numpy as np
@@ -26,7 +27,16 @@ import numpy as np
 from decoupleq_ref.format import effective_group_size
 from decoupleq_ref.matmul import PackedLayer
 
-from .layout import Mistake
+
+@dataclass
+class Mistake:
+    """name: stable id (``defect.<name>`` in reports); description: one sentence for the user;
+    W: the effective weight (out, in) float64 a kernel with this mistake computes."""
+
+    name: str
+    description: str
+    W: np.ndarray = field(repr=False)
+
 
 ROW_TILES = (16, 32, 64, 128)
 COLUMN_CHUNKS = (128, 256, 512, 1024)
