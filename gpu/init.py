@@ -17,7 +17,8 @@ products and rank-1 updates.
   consecutive columns of H's rows: coalesced), and Δ(D H Dᵀ) = Δ·(u_old + u_new) needs u only at
   the changed columns. A code changes at most 2^b − 1 times over the grid, so the updates cost
   about one product in total instead of 160. Every sum is a fixed-order tree: deterministic.
-* The codes use the reference's exact float operations
+* The codes use the reference's exact float operations (a multiply by 1/s where that provably
+  gives the same floor, as the numba backend)
 
       s_p = (p·xmax − p·xmin) / (2^b − 1),   z_p = p·xmin  (symmetric: −s_p·2^(b−1)),
       q = clamp(⌊(W − z_p)/s_p + ½⌋, 0, 2^b − 1)
@@ -30,13 +31,15 @@ products and rank-1 updates.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from decoupleq_ref.init import minmax_range, minmax_scale_zero, shrink_factors
 
 from ._cuda import blocks, cuda, jit, require, simulator
 from .linalg import TILE, gemm
-from .objective import residual, rtn_code
+from .objective import residual, rtn_code, safe_den
 
 # Threads per row block (a power of two: the prefix sum and the reductions are trees). 16 under
 # the simulator, where every thread is a Python thread; literal for CUDA's shared-array shapes.
@@ -61,13 +64,20 @@ def _sum3_tree(red, tid):
         step //= 2
 
 
-@jit(device=True)
-def _step_code(w, xmin, xmax, p, maxq, half, symmetric):
-    """The reference's RTN code of w on the grid [p·xmin, p·xmax] (same float operations)."""
-    lo = p * xmin
-    s = (p * xmax - lo) / maxq
-    z = -s * half if symmetric else lo
-    return rtn_code(w, s, z, maxq)
+@jit(device=True, inline=True)
+def _step_code(w, s, z, inv, maxq, prev):
+    """The reference's code clamp(⌊(w − z)/s + ½⌋) on a step's grid, mostly without a division:
+    the multiply by inv = 1/safe_den(s) gives the same floor unless (w − z)/s + ½ lies within a
+    few ulps of an integer, and a code that moves is recomputed too, so every code that differs
+    from prev comes from the reference's exact operation (kernels_numba.init._flag_codes)."""
+    f = (w - z) * inv + 0.5
+    fl = math.floor(f)
+    d = f - fl
+    tol = 1e-12 * (abs(f) + 1.0)
+    code = min(max(fl, 0.0), maxq)
+    if d < tol or d > 1.0 - tol or code != prev:
+        return rtn_code(w, s, z, maxq)
+    return code
 
 
 @jit
@@ -114,9 +124,17 @@ def _grid_kernel(W, R1, g1, t, H, xmin, xmax, s1, q1, ps, maxq, half, symmetric,
         for k in range(1, K):
             p = ps[k]
             nc = 0
+            g_at = -1
+            s = z = inv = 0.0
             for j in range(j0, j1):
                 g = j // gs
-                c = _step_code(W[i, j], xmin[i, g], xmax[i, g], p, maxq, half, symmetric)
+                if g != g_at:  # the step's grid for this group: the reference's (s_p, z_p)
+                    lo = p * xmin[i, g]
+                    s = (p * xmax[i, g] - lo) / maxq
+                    z = -s * half if symmetric else lo
+                    inv = 1.0 / safe_den(s)
+                    g_at = g
+                c = _step_code(W[i, j], s, z, inv, maxq, np.float64(prev[b, j]))
                 cur[b, j] = np.uint8(c)
                 if cur[b, j] != prev[b, j]:
                     nc += 1

@@ -264,6 +264,36 @@ def test_gemv_kernel_every_block_shape(warps, rows, batch):
         assert rel_err(y.copy_to_host(), dq.matmul(x.astype(np.float64), lay)) < 1e-3
 
 
+@pytest.mark.parametrize("warps,rows,batch,gs,n", [(2, 4, 1, 64, 2112), (2, 8, 4, -1, 192), (1, 2, 2, 128, 256)])
+def test_gemv_quad_kernel_w2(warps, rows, batch, gs, n):
+    """The W2 quad GEMV with its Python inner step and, on a real GPU, with the linked CUDA C
+    one (the simulator cannot run C): a part-full last block, lanes taking two quads (n = 2112:
+    33 quads of 64 columns), per-channel and groups of two quads."""
+    from numba import cuda
+
+    from gpu.matmul import DevicePackedLayer, launch_gemv_quad, quad_linked
+
+    rng = np.random.default_rng(n + batch)
+    lay = packed_layer(rng, 11, n, gs, 2)
+    x = rng.standard_normal((batch, n)).astype(np.float16)
+    for linked in (False, True) if quad_linked() else (False,):
+        y = cuda.device_array((batch, 11), np.float32)
+        launch_gemv_quad(cuda.to_device(x), DevicePackedLayer(lay), y, warps=warps, rows=rows, linked=linked)
+        assert rel_err(y.copy_to_host(), dq.matmul(x.astype(np.float64), lay)) < 1e-3, f"linked={linked}"
+
+
+@pytest.mark.parametrize("gs", [64, -1])
+def test_packed_matmul_takes_the_quad_path_for_w2_fp16(gs):
+    from gpu.matmul import quad_fits
+
+    rng = np.random.default_rng(7)
+    lay = packed_layer(rng, 6, 128, gs, 2)
+    x = rng.standard_normal((3, 128)).astype(np.float16)
+    assert quad_fits(2, 128 if gs == -1 else gs, 128, x.dtype, 3)
+    assert not quad_fits(2, 64, 128, np.float32, 3) and not quad_fits(4, 64, 128, x.dtype, 3)
+    assert rel_err(gpu.packed_matmul(x, lay), dq.matmul(x.astype(np.float64), lay)) < 1e-3
+
+
 def test_packed_matmul_writes_into_out():
     from numba import cuda
 
