@@ -45,7 +45,8 @@ from .objective import residual, rtn_code, safe_den
 # the simulator, where every thread is a Python thread; literal for CUDA's shared-array shapes.
 GRID_THREADS = 16 if simulator() else 256
 # Blocks of the grid kernel, each walking rows blockIdx.x, + gridDim.x, …; bounds the per-block
-# scratch (u and the change list: 21 bytes per column, 230 MiB at 1024 blocks × 11008 columns).
+# scratch (codes, u and the change list: 22 bytes per column, 236 MiB at 1024 blocks × 11008
+# columns).
 # 3 under the simulator so that the tests walk several rows per block.
 GRID_BLOCKS = 3 if simulator() else 1024
 
