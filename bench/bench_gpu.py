@@ -12,7 +12,8 @@ message otherwise). Every ratio is measured side by side in one process.
    Plus the error of each result against torch fp32 ``x @ Ŵᵀ`` on the same dequantized weights.
    A kernel time marked ``!`` was launch-bound: the host queued the burst more slowly than the
    GPU ran it, so the figure is an upper bound.
-3. GEMV block shapes (warps per block × rows per warp) at batch 1 and 4, to choose the default.
+3. GEMV block shapes (warps per block × rows per warp) at batch 1 and 4, to choose the default,
+   and the W2 quad GEMV with its inner step in linked CUDA C and in Python side by side.
 4. The solver on the Llama-7B-shaped layers (synthetic weights and H, ``synthetic_layer``) at W2
    per-channel and g64: seconds per layer (kernel compilation excluded: a tiny warm-up solve
    first), the one-block and 32-block extrapolation, and with ``--profile`` where the first
@@ -143,7 +144,11 @@ def dense_weight(torch, layer: dq.PackedLayer):
 def bench_matmul(torch, sizes, reps: int, peak: float) -> None:
     from numba import cuda
 
+    from gpu.matmul import quad_linked
+
     print("\n## packed_matmul W2 vs torch fp16 x @ W.T (kernel = device time per call; call = with host launch)")
+    print(f"batch ≤ 4: the quad GEMV, inner step {'linked CUDA C' if quad_linked() else 'Python (no cffi?)'}; "
+          "batch 16: the word GEMV; batch 64: the fp32 tile GEMM")
     print(f"{'shape':>12} {'group':>6} {'batch':>5} {'packed ms':>10} {'fp16 ms':>9} {'speed-up':>9} "
           f"{'packed GB/s':>11} {'of copy':>8} {'call packed':>11} {'call fp16':>10} {'rel err':>8}")
     rng = np.random.default_rng(0)
@@ -182,10 +187,13 @@ def bench_matmul(torch, sizes, reps: int, peak: float) -> None:
 def bench_gemv_shapes(torch, sizes, reps: int) -> None:
     from numba import cuda
 
-    from gpu.matmul import launch_gemv
+    from gpu.matmul import GEMV_WARPS, gemv_rows_per_warp, launch_gemv, launch_gemv_quad, quad_linked
 
-    print("\n## GEMV block shapes (kernel ms per call, g64): warps per block × rows per warp")
-    print(f"{'shape':>12} {'batch':>5} " + "".join(f"{f'{w}w×{r}r':>10}" for w, r in GEMV_SHAPES))
+    print("\n## GEMV block shapes (kernel ms per call, g64): warps per block × rows per warp; quad = the W2 "
+          "quad GEMV (16-byte loads, no barrier in the loop) at 8 warps and the default rows, inner step in "
+          f"linked CUDA C (quad-C{'' if quad_linked() else ': unavailable here'}) or Python (quad-py)")
+    print(f"{'shape':>12} {'batch':>5} " + "".join(f"{f'{w}w×{r}r':>10}" for w, r in GEMV_SHAPES)
+          + f"{'quad-C':>10}{'quad-py':>10}")
     rng = np.random.default_rng(1)
     for n in sizes:
         dev = gpu.DevicePackedLayer(packed_case(n, 64, rng))
@@ -201,6 +209,12 @@ def bench_gemv_shapes(torch, sizes, reps: int) -> None:
                 except ValueError:  # too much shared memory for this batch
                     row.append(f"{'-':>10}")
                 except Exception as exc:  # e.g. a launch out of registers: report it, go on
+                    row.append(f"{type(exc).__name__[:9]:>10}")
+            for linked in (True, False):
+                try:
+                    row.append(fmt_ms(kernel_ms(torch, lambda: launch_gemv_quad(
+                        dx, dev, y, warps=GEMV_WARPS, rows=gemv_rows_per_warp(batch), linked=linked), reps), 10))
+                except Exception as exc:  # no cffi, a link or launch failure: report it, go on
                     row.append(f"{type(exc).__name__[:9]:>10}")
             print(f"{n:>5}×{n:<6} {batch:>5} " + "".join(row), flush=True)
         del dev

@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # The gpu backend's checks on a real CUDA GPU, as one prepared script (a lent GPU machine's time is short):
-#   1. the gpu kernel tests with the simulator off (tests/test_gpu_kernels.py, real kernels);
+#   1. the gpu kernel tests with the simulator off (tests/test_gpu_kernels.py, real kernels: here the
+#      W2 quad GEMV also runs its linked CUDA C step, gpu/packed_quad.cu, and the incremental init);
 #   2. the cuda backend on the whole conformance suite at reference level (decoupleq validate);
 #   3. the packed matmul against the input battery (decoupleq check-kernel);
-#   4. bench/bench_gpu.py: matmul vs torch fp16, GEMV block shapes, solver seconds per layer.
+#   4. bench/bench_gpu.py: matmul vs torch fp16 (W2 fp16 batch ≤ 4 through the linked quad GEMV),
+#      GEMV block shapes with the quad GEMV's C and Python steps, solver seconds per layer.
 # Each step has its own time limit (seconds: T_TESTS, T_VALIDATE, T_BENCH) so one slow step cannot
 # starve the others; STEPS picks steps; arguments go to bench_gpu.py (default: --profile
 # --solver-budget 150). Logs go to $OUT (or ./gpu-check-logs).

@@ -17,7 +17,12 @@ This module closes that gap in two steps:
         c.record_launches('launches.json'); pytest.main(['tests/test_gpu_kernels.py'])"
     python -m gpu.compile_check launches.json [--cc 9.0]
 
-tests/test_gpu_sim.py does both on every test run where NVVM and NVRTC can be loaded.
+3. ``compile_linked(cc)`` (always run by the command, the launches file is then optional):
+   the linked CUDA C sources (gpu/packed_quad.cu) to PTX with NVRTC, and the kernels that call
+   them, which the simulator never launches (it cannot run C), with a check that the kernel's
+   extern declaration has the parameter types the source defines.
+
+tests/test_gpu_sim.py does all three on every test run where NVVM and NVRTC can be loaded.
 """
 
 from __future__ import annotations
@@ -102,23 +107,92 @@ def compile_launches(rows: list[dict], cc: tuple[int, int] = (9, 0)) -> list[tup
     return failures
 
 
+def nvrtc_ptx(source: str | Path, cc: tuple[int, int] = (9, 0)) -> str:
+    """PTX of a CUDA C source for `cc` by NVRTC through cuda.bindings (no driver, no GPU: numba's
+    own NVRTC wrapper asks the driver for its version). Relocatable (-rdc), as numba links it."""
+    from cuda.bindings import nvrtc
+
+    path = Path(source)
+    err, prog = nvrtc.nvrtcCreateProgram(path.read_bytes(), path.name.encode(), 0, [], [])
+    if err != nvrtc.nvrtcResult.NVRTC_SUCCESS:
+        raise RuntimeError(f"NVRTC could not create a program for {path.name}: {err}")
+    opts = [f"--gpu-architecture=compute_{cc[0]}{cc[1]}".encode(), b"-rdc=true"]
+    (err,) = nvrtc.nvrtcCompileProgram(prog, len(opts), opts)
+    if err != nvrtc.nvrtcResult.NVRTC_SUCCESS:
+        _, size = nvrtc.nvrtcGetProgramLogSize(prog)
+        log = b" " * size
+        nvrtc.nvrtcGetProgramLog(prog, log)
+        raise RuntimeError(f"NVRTC failed on {path.name} for sm_{cc[0]}{cc[1]}:\n{log.decode(errors='replace')}")
+    _, size = nvrtc.nvrtcGetPTXSize(prog)
+    ptx = b" " * size
+    nvrtc.nvrtcGetPTX(prog, ptx)
+    return ptx.decode().rstrip("\x00")
+
+
+def ptx_params(ptx: str, name: str) -> list[str] | None:
+    """The PTX parameter types (b32, b64, f32, …) of function `name`, result first; None if absent."""
+    m = re.search(r"\.func\s*\(([^)]*)\)\s*" + re.escape(name) + r"\s*\(([^)]*)\)", ptx)
+    return None if m is None else re.findall(r"\.param\s+\.(\w+)", m[1] + m[2])
+
+
+def compile_linked(cc: tuple[int, int] = (9, 0)) -> tuple[int, list[tuple[str, str]]]:
+    """Compile the linked CUDA C inner step (gpu/packed_quad.cu, NVRTC) and every quad GEMV
+    kernel that calls it (NVVM), and check that the kernels' extern declaration has the source's
+    parameter types. Returns (number of checks, failures)."""
+    from numba import cuda
+
+    from gpu import matmul
+
+    failures: list[tuple[str, str]] = []
+    name = "w2_quad_step"
+    try:
+        src_params = ptx_params(nvrtc_ptx(matmul.QUAD_SOURCE, cc), name)
+        if src_params is None:
+            failures.append((str(matmul.QUAD_SOURCE.name), f"NVRTC's PTX defines no function {name}"))
+    except Exception as exc:
+        return 1, [(str(matmul.QUAD_SOURCE.name), f"{type(exc).__name__}: {exc}")]
+    if matmul.linked_quad_step() is None:
+        return 1, failures + [("gemv_quad_kernel(linked=True)", "cffi is missing: pip install cffi")]
+    rows = [{"module": "gpu.matmul", "name": "gemv_quad_kernel", "factory_args": [batch, matmul.GEMV_WARPS,
+             matmul.gemv_rows_per_warp(batch), True], "arg_types": [
+             "array(float16, 2d, C)", "array(uint32, 2d, C)", "array(float32, 2d, C)", "array(float32, 2d, C)",
+             "int64", "array(float32, 2d, C)"]} for batch in range(1, matmul.QUAD_MAX_BATCH + 1)]
+    failures += compile_launches(rows, cc)
+    for row in rows[:1]:  # one kernel suffices: they share the declaration
+        kernel = matmul.gemv_quad_kernel(*row["factory_args"])
+        ptx, _ = cuda.compile_ptx(kernel.py_func, tuple(parse_type(t) for t in row["arg_types"]), cc=cc)
+        if ptx_params(ptx, name) != src_params:
+            failures.append((f"{name} declaration", f"the kernel declares {ptx_params(ptx, name)}, "
+                                                    f"packed_quad.cu defines {src_params}: fix QUAD_SIGNATURE"))
+    return 1 + len(rows), failures
+
+
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description="Compile recorded gpu kernel launches to PTX (no GPU needed).")
-    ap.add_argument("launches", help="JSON written by record_launches")
+    ap = argparse.ArgumentParser(description="Compile recorded gpu kernel launches and the linked CUDA C "
+                                             "sources to PTX (no GPU needed).")
+    ap.add_argument("launches", nargs="?", help="JSON written by record_launches (omit: linked sources only)")
     ap.add_argument("--cc", default="9.0", help="compute capability to compile for, e.g. 8.0 or 9.0")
     args = ap.parse_args(argv)
     try:
         cc = tuple(int(p) for p in args.cc.split("."))
     except ValueError:
         ap.error(f"--cc: expected MAJOR.MINOR such as 9.0, got {args.cc!r}")
-    if not Path(args.launches).is_file():
+    if args.launches is not None and not Path(args.launches).is_file():
         ap.error(f"launches: no file {args.launches!r}; write one with record_launches under the simulator")
-    rows = json.loads(Path(args.launches).read_text())
-    failures = compile_launches(rows, cc)
+    failed = False
+    if args.launches is not None:
+        rows = json.loads(Path(args.launches).read_text())
+        failures = compile_launches(rows, cc)
+        for label, err in failures:
+            print(f"FAIL {label}\n  {err.strip()[:2000]}\n")
+        print(f"{len(rows) - len(failures)} of {len(rows)} recorded kernel launches compile for sm_{cc[0]}{cc[1]}")
+        failed = bool(failures)
+    checks, failures = compile_linked(cc)
     for label, err in failures:
         print(f"FAIL {label}\n  {err.strip()[:2000]}\n")
-    print(f"{len(rows) - len(failures)} of {len(rows)} recorded kernel launches compile for sm_{cc[0]}{cc[1]}")
-    return 1 if failures else 0
+    print(f"linked CUDA C: {checks - len(failures)} of {checks} checks pass for sm_{cc[0]}{cc[1]} "
+          f"(packed_quad.cu by NVRTC, the quad GEMV kernels calling it, their declaration)")
+    return 1 if failed or failures else 0
 
 
 if __name__ == "__main__":

@@ -5,7 +5,13 @@ columns m·c … m·c + c − 1, c = 32/b codes, column m·c + r in bits [r·b, 
 b ∈ {1, 2, 4, 8} (no code straddles a word); b = 3 is rejected with a ValueError. Activations
 are fp16 or fp32, accumulation is fp32 and y is fp32.
 
-* GEMV (batch ≤ 16): a warp per few output rows, a lane per word, so a warp reads 128
+* W2 quad GEMV (bits 2, fp16 x, batch ≤ 4, groups of whole 64-column quads, per-channel
+  included): a lane per 16-byte quad of 4 words of each of its warp's rows, x read from global
+  memory through the read-only cache (no shared staging, no block barrier in the loop). The
+  load/convert/FMA step is linked CUDA C (gpu/packed_quad.cu, compiled by NVRTC) on a real GPU
+  and its Python twin ``_w2_quad_step`` in the simulator; see ``gemv_quad_kernel``. The format
+  stores scales and zeros as float32 (FORMAT.md), so they stay float32 here.
+* GEMV (other batch ≤ 16): a warp per few output rows, a lane per word, so a warp reads 128
   contiguous bytes of each row's codes; the block stages the matching chunk of x in shared
   memory once for all its rows (one column of padding per word: no bank conflicts). When a
   group spans whole words (g a multiple of c) each word contributes s·Σ x·q + z·Σ x, one
@@ -19,12 +25,14 @@ are fp16 or fp32, accumulation is fp32 and y is fp32.
 from __future__ import annotations
 
 import functools
+import warnings
+from pathlib import Path
 
 import numpy as np
 
 from decoupleq_ref.matmul import PackedLayer
 
-from ._cuda import blocks, cuda, jit, require
+from ._cuda import available, blocks, cuda, jit, require, simulator
 from .linalg import TILE
 
 GEMV_MAX_BATCH = 16
@@ -56,6 +64,29 @@ def gemv_fits(bits: int, batch: int, warps: int = GEMV_WARPS, rows: int = 0) -> 
     """The GEMV kernel exists for this shape: ≤ 32 results per warp and ≤ 48 KiB of static shared memory."""
     rows = rows or gemv_rows_per_warp(batch)
     return rows * batch <= WARP and gemv_shared_bytes(bits, batch, warps, rows) <= MAX_STATIC_SHARED
+
+
+@jit(device=True, inline=True)
+def warp_sums_to_y(sm, acc, nacc, batch, warp, lane, o0, out, y):
+    """y[b, o0 + k] = Σ over the warp's lanes of acc[k·batch + b], k·batch + b < nacc ≤ 32: a
+    fixed-order tree over the lanes (deterministic, all sums at once) in the warp's slice of sm
+    (nacc·32 floats from warp·nacc·32); lane l writes result l. Every thread of the block calls
+    it (it synchronises)."""
+    red = (warp * nacc) * WARP
+    for e in range(nacc):
+        sm[red + e * WARP + lane] = acc[e]
+    cuda.syncthreads()
+    step = WARP // 2
+    while step > 0:
+        if lane < step:
+            for e in range(nacc):
+                sm[red + e * WARP + lane] += sm[red + e * WARP + lane + step]
+        cuda.syncthreads()
+        step //= 2
+    if lane < nacc:
+        o = o0 + lane // batch
+        if o < out:
+            y[lane % batch, o] = sm[red + lane * WARP]
 
 
 @functools.lru_cache(maxsize=None)
@@ -140,21 +171,8 @@ def gemv_kernel(bits: int, batch: int, warps: int = GEMV_WARPS, rows: int = 0):
                                     for bb in range(batch):
                                         acc[k * batch + bb] += sm[bb * xs_width + base + r] * wv
             cuda.syncthreads()
-        red = (warp * nacc) * WARP  # after the loop's last barrier the x chunk is dead: reuse it
-        for e in range(nacc):  # fixed-order tree over the lanes of each warp, all sums at once
-            sm[red + e * WARP + lane] = acc[e]
-        cuda.syncthreads()
-        step = WARP // 2
-        while step > 0:
-            if lane < step:
-                for e in range(nacc):
-                    sm[red + e * WARP + lane] += sm[red + e * WARP + lane + step]
-            cuda.syncthreads()
-            step //= 2
-        if lane < nacc:
-            o = o0 + lane // batch
-            if o < out:
-                y[lane % batch, o] = sm[red + lane * WARP]
+        # after the loop's last barrier the x chunk is dead: reuse it for the lanes' sums
+        warp_sums_to_y(sm, acc, nacc, batch, warp, lane, o0, out, y)
 
     kernel.factory = ("gemv_kernel", (bits, batch, warps, rows))  # read by gpu.compile_check
     return kernel
@@ -166,6 +184,144 @@ def launch_gemv(dx, dev: "DevicePackedLayer", y, warps: int = GEMV_WARPS, rows: 
     rows = rows or gemv_rows_per_warp(batch)
     kernel = gemv_kernel(dev.bits, batch, warps, rows)
     kernel[blocks(out, warps * rows), warps * WARP](dx, dev.words, dev.scale, dev.zero, dev.group_size, y)
+
+
+# --- W2 quad GEMV: 16-byte loads, no barrier in the loop, inner step in linked CUDA C ----------
+# One lane per quad of 4 packed words (64 codes, 16 bytes) of each of its warp's rows; x is read
+# straight from global memory (fp16, read-only cache: every warp reads the same x) instead of
+# being staged in shared memory, so the loop has no block barrier; one barrier tree at the end.
+# The load/convert/FMA step is ``_w2_quad_step`` (Python, what the simulator runs) or its twin
+# ``w2_quad_step`` in gpu/packed_quad.cu (linked on a real GPU, see ``quad_linked``). Without
+# link-time optimisation the C step is a real call, so the lane's accumulators pass through local
+# memory once per quad (7 .local references in the PTX; the word GEMV has none): the first thing
+# to look at if the hardware figures disappoint.
+QUAD_SOURCE = Path(__file__).with_name("packed_quad.cu")
+QUAD_WORDS = 4  # words per 16-byte load
+QUAD_CODES = QUAD_WORDS * 16  # columns per load at 2 bits
+QUAD_MAX_ROWS = 8  # W2_QUAD_MAX_ROWS in packed_quad.cu
+QUAD_MAX_BATCH = 4  # batch rows of the quad path (fits the 32 accumulators per warp at 8 rows)
+QUAD_SIGNATURE = ("int32(CPointer(uint32), int64, int64, int32, int64, CPointer(float16), int64, int32, "
+                  "CPointer(float32), CPointer(float32), int64, int64, CPointer(float32))")
+
+
+def quad_fits(bits: int, group_size: int, n_in: int, x_dtype, batch: int) -> bool:
+    """The quad GEMV serves this call: W2, fp16 activations, batch ≤ QUAD_MAX_BATCH and groups
+    of whole 64-column quads (g % 64 == 0, per-channel included when in % 64 == 0)."""
+    return (bits == 2 and np.dtype(x_dtype) == np.float16 and 1 <= batch <= QUAD_MAX_BATCH
+            and group_size % QUAD_CODES == 0 and n_in % QUAD_CODES == 0)
+
+
+@jit(device=True)
+def _w2_quad_step(words, o0, rows, word, x, batch, scale, zero, g, acc):
+    """acc[k·batch + b] += s·Σ x·q + z·Σ x over the 64 columns of quad ``word`` (4 words from
+    ``word``) of rows o0 … o0 + rows − 1, with (s, z) of group g: the pure-Numba twin of
+    ``w2_quad_step`` in packed_quad.cu (same sums, same column order; the C one uses 16-byte
+    loads and fused multiply-adds)."""
+    col0 = word * 16
+    for b in range(batch):
+        sx = np.float32(0.0)
+        for c in range(QUAD_CODES):
+            sx += np.float32(x[b, col0 + c])
+        for k in range(rows):
+            dq = np.float32(0.0)
+            for c in range(QUAD_CODES):
+                code = (words[o0 + k, word + c // 16] >> np.uint32(2 * (c % 16))) & np.uint32(3)
+                dq += np.float32(x[b, col0 + c]) * np.float32(code)
+            acc[k * batch + b] += scale[o0 + k, g] * dq + zero[o0 + k, g] * sx
+
+
+def _linked_quad_step():
+    """``w2_quad_step`` from packed_quad.cu wrapped with ``_w2_quad_step``'s arguments, or None
+    where it cannot be linked (the simulator runs Python only; cffi passes the array pointers)."""
+    if cuda is None or simulator():
+        return None
+    try:
+        import cffi
+    except ImportError:
+        return None
+    ffi = cffi.FFI()
+    step_c = cuda.declare_device("w2_quad_step", QUAD_SIGNATURE, link=str(QUAD_SOURCE))
+
+    @jit(device=True)
+    def step(words, o0, rows, word, x, batch, scale, zero, g, acc):
+        step_c(ffi.from_buffer(words), words.shape[1], o0, rows, word, ffi.from_buffer(x), x.shape[1], batch,
+               ffi.from_buffer(scale), ffi.from_buffer(zero), scale.shape[1], g, ffi.from_buffer(acc))
+
+    return step
+
+
+@functools.lru_cache(maxsize=1)
+def linked_quad_step():
+    """The linked inner step, built once (None where unavailable: see ``_linked_quad_step``)."""
+    return _linked_quad_step()
+
+
+_LINK_FAILURES: list[str] = []  # why the linked step failed to build here, if it did (then never retried)
+
+
+def quad_linked() -> bool:
+    """The quad GEMV runs the linked CUDA C step: a real GPU and cffi (never the simulator), and
+    the step has not failed to build in this process."""
+    return available() and not _LINK_FAILURES and linked_quad_step() is not None
+
+
+@functools.lru_cache(maxsize=None)
+def gemv_quad_kernel(batch: int, warps: int = GEMV_WARPS, rows: int = 0, linked: bool = False):
+    """The W2 quad GEMV for one (batch, warps, rows per warp), with the inner step in linked
+    CUDA C (``linked``) or in Python (``_w2_quad_step``). y[b, o] = Σ_col x[b, col]·Ŵ[o, col].
+
+    Block = ``warps`` warps of ``rows`` consecutive output rows; lane l takes quads l, l + 32, …
+    (a warp reads 512 contiguous bytes per row per pass). Lane partial sums meet in
+    ``warp_sums_to_y``'s fixed-order tree, as in ``gemv_kernel`` (deterministic)."""
+    rows = rows or gemv_rows_per_warp(batch)
+    nacc = rows * batch
+    rows_per_block = warps * rows
+    shared_floats = warps * nacc * WARP
+    if rows > QUAD_MAX_ROWS or nacc > WARP or 4 * shared_floats > MAX_STATIC_SHARED or batch > QUAD_MAX_BATCH:
+        raise ValueError(f"gemv_quad_kernel: rows={rows} (at most {QUAD_MAX_ROWS}), rows·batch={nacc} (at most "
+                         f"{WARP}), batch={batch} (at most {QUAD_MAX_BATCH}), {4 * shared_floats} bytes of shared "
+                         f"memory (at most {MAX_STATIC_SHARED}); use fewer warps or rows")
+    step = linked_quad_step() if linked else _w2_quad_step
+    if step is None:
+        raise ValueError("gemv_quad_kernel: linked=True needs a real GPU and cffi (pip install cffi); "
+                         "use linked=False")
+
+    @jit
+    def kernel(x, words, scale, zero, gs, y):
+        sm = cuda.shared.array(shared_floats, np.float32)
+        acc = cuda.local.array(nacc, np.float32)
+        tid = cuda.threadIdx.x
+        warp, lane = tid // WARP, tid % WARP
+        o0 = cuda.blockIdx.x * rows_per_block + warp * rows
+        out, nwords = words.shape
+        nrows = min(rows, out - o0)
+        for e in range(nacc):
+            acc[e] = 0.0
+        if nrows > 0:
+            for word in range(lane * QUAD_WORDS, nwords, WARP * QUAD_WORDS):
+                step(words, o0, nrows, word, x, batch, scale, zero, (word * 16) // gs, acc)
+        warp_sums_to_y(sm, acc, nacc, batch, warp, lane, o0, out, y)
+
+    kernel.factory = ("gemv_quad_kernel", (batch, warps, rows, linked))  # read by gpu.compile_check
+    return kernel
+
+
+def launch_gemv_quad(dx, dev: "DevicePackedLayer", y, warps: int = GEMV_WARPS, rows: int = 0,
+                     linked: bool | None = None) -> None:
+    """y = dx @ Ŵᵀ by ``gemv_quad_kernel`` (packed part only); linked=None: ``quad_linked()``."""
+    batch, out = dx.shape[0], dev.shape[0]
+    rows = rows or gemv_rows_per_warp(batch)
+    use_c = quad_linked() if linked is None else linked
+    try:
+        gemv_quad_kernel(batch, warps, rows, use_c)[blocks(out, warps * rows), warps * WARP](
+            dx, dev.words, dev.scale, dev.zero, dev.group_size, y)
+    except Exception as exc:  # NVRTC or the linker missing on this machine: say so once, run Python
+        if linked is not None or not use_c:
+            raise
+        _LINK_FAILURES.append(f"{type(exc).__name__}: {exc}")
+        warnings.warn(f"packed_matmul: the linked CUDA C step (gpu/packed_quad.cu) failed to build "
+                      f"({_LINK_FAILURES[0][:300]}); the quad GEMV uses its Python step", RuntimeWarning, stacklevel=2)
+        launch_gemv_quad(dx, dev, y, warps, rows, linked=False)
 
 
 @jit
@@ -265,7 +421,9 @@ def packed_matmul(x, layer: PackedLayer | DevicePackedLayer, out=None):
                          f"leave out=None to get a new array")
     else:
         y = out
-    if batch <= GEMV_MAX_BATCH and gemv_fits(dev.bits, batch):
+    if quad_fits(dev.bits, dev.group_size, dev.shape[1], dx.dtype, batch) and dx.is_c_contiguous():
+        launch_gemv_quad(dx, dev, y)
+    elif batch <= GEMV_MAX_BATCH and gemv_fits(dev.bits, batch):
         launch_gemv(dx, dev, y)
     else:
         _gemm_kernel[(blocks(n_out, TILE), blocks(batch, TILE)), (TILE, TILE)](dx, dev.words, dev.scale, dev.zero,

@@ -86,6 +86,22 @@ def test_init_scale_zero_picks_the_reference_grid(gs, symmetric, bits):
     assert rel_err(loss, loss_ref) < REL
 
 
+@pytest.mark.parametrize("w_scale,gs,symmetric", [(1.0, 16, False), (15000.0, -1, True)])
+def test_init_incremental_search_over_the_shrink_range(w_scale, gs, symmetric):
+    """48 shrink factors from 1 to 0.21 (the default grid's range at a coarser step, for the
+    simulator's sake): codes move several times per weight, rows share a block's scratch
+    (5 rows, 3 blocks in the simulator), changes span several threads' segments. Same p per row as the reference (bitwise
+    (s, z)), losses to rounding even for weights of size 300 (cancellation in the expansion)."""
+    W, Hd = layer(5, 48, seed=5)
+    W = W * w_scale
+    s, z, loss = gpu.init_scale_zero(W, Hd, 2, gs, symmetric, 60, 0.8)
+    s_ref, z_ref, loss_ref = dq.init_scale_zero(W, Hd, 2, gs, symmetric, 60, 0.8)
+    s_minmax, _ = dq.init_scale_zero(W, Hd, 2, gs, symmetric, 0, 0.8)[:2]
+    assert np.any(s_ref != s_minmax)  # the search moves away from p = 1 somewhere
+    assert np.array_equal(s, s_ref) and np.array_equal(z, z_ref)
+    np.testing.assert_allclose(loss, loss_ref, rtol=1e-9)
+
+
 @pytest.mark.parametrize("gs,symmetric", [(8, False), (8, True), (-1, False)])
 def test_closed_form_scale_zero_with_held_scales(gs, symmetric):
     W, Hd = layer(12, 24, seed=3)
@@ -245,6 +261,36 @@ def test_gemv_kernel_every_block_shape(warps, rows, batch):
         y = cuda.device_array((batch, 13), np.float32)
         launch_gemv(cuda.to_device(x), DevicePackedLayer(lay), y, warps=warps, rows=rows)
         assert rel_err(y.copy_to_host(), dq.matmul(x.astype(np.float64), lay)) < 1e-3
+
+
+@pytest.mark.parametrize("warps,rows,batch,gs,n", [(2, 4, 1, 64, 2112), (2, 8, 4, -1, 192), (1, 2, 2, 128, 256)])
+def test_gemv_quad_kernel_w2(warps, rows, batch, gs, n):
+    """The W2 quad GEMV with its Python inner step and, on a real GPU, with the linked CUDA C
+    one (the simulator cannot run C): a part-full last block, lanes taking two quads (n = 2112:
+    33 quads of 64 columns), per-channel and groups of two quads."""
+    from numba import cuda
+
+    from gpu.matmul import DevicePackedLayer, launch_gemv_quad, quad_linked
+
+    rng = np.random.default_rng(n + batch)
+    lay = packed_layer(rng, 11, n, gs, 2)
+    x = rng.standard_normal((batch, n)).astype(np.float16)
+    for linked in (False, True) if quad_linked() else (False,):
+        y = cuda.device_array((batch, 11), np.float32)
+        launch_gemv_quad(cuda.to_device(x), DevicePackedLayer(lay), y, warps=warps, rows=rows, linked=linked)
+        assert rel_err(y.copy_to_host(), dq.matmul(x.astype(np.float64), lay)) < 1e-3, f"linked={linked}"
+
+
+@pytest.mark.parametrize("gs", [64, -1])
+def test_packed_matmul_takes_the_quad_path_for_w2_fp16(gs):
+    from gpu.matmul import quad_fits
+
+    rng = np.random.default_rng(7)
+    lay = packed_layer(rng, 6, 128, gs, 2)
+    x = rng.standard_normal((3, 128)).astype(np.float16)
+    assert quad_fits(2, 128 if gs == -1 else gs, 128, x.dtype, 3)
+    assert not quad_fits(2, 64, 128, np.float32, 3) and not quad_fits(4, 64, 128, x.dtype, 3)
+    assert rel_err(gpu.packed_matmul(x, lay), dq.matmul(x.astype(np.float64), lay)) < 1e-3
 
 
 def test_packed_matmul_writes_into_out():

@@ -67,8 +67,23 @@ def test_every_launched_kernel_compiles_for_a_real_gpu(simulator_run):
     _, launches = simulator_run
     rows = json.loads(launches.read_text())
     names = {r["name"] for r in rows}
-    assert {"gemv_kernel", "_gemm_kernel", "_gptq_block_kernel", "_grid_residual_kernel"} <= names, sorted(names)
+    assert {"gemv_kernel", "_gemm_kernel", "_gptq_block_kernel", "_grid_kernel", "gemv_quad_kernel"} <= names, sorted(names)
     proc = subprocess.run([sys.executable, "-m", "gpu.compile_check", str(launches)], cwd=ROOT,
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-2000:]
     assert f"{len(rows)} of {len(rows)} recorded kernel launches compile for sm_90" in proc.stdout
+
+
+@needs_numba_cuda
+def test_linked_cuda_c_compiles_for_sm_90():
+    """gpu/packed_quad.cu (the W2 GEMV's inner step) compiles with NVRTC, the quad GEMV kernels
+    calling it compile with NVVM, and their extern declaration has the source's parameter types.
+    The simulator never launches these kernels (it cannot run C), so this is their only check
+    without a GPU."""
+    why = _ptx_toolchain()
+    if why:
+        pytest.skip(f'no NVVM/NVRTC to compile PTX ({why}): pip install -e ".[ptx]"')
+    proc = subprocess.run([sys.executable, "-m", "gpu.compile_check"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=900)
+    assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-2000:]
+    assert "linked CUDA C: 5 of 5 checks pass for sm_90" in proc.stdout, proc.stdout[-3000:]
