@@ -81,7 +81,7 @@ def bench_solver(W, H, cfg, label, run_numpy: bool) -> None:
     row = f"| {label} | {W.shape[0]}×{W.shape[1]} | {cfg.group_size} | {t_nb:.1f} |"
     if run_numpy:
         ref, t_np = timed(dq.quantize_layer, W, H, cfg)
-        agree = agreement(label, W, H, cfg, ref, nb, NUMBA)  # the bound tests/test_numba_backend.py holds
+        agree = agreement(label, W, H, cfg, ref, nb, NUMBA)  # the bound tests/numba/test_numba_backend.py holds
         row += (f" {t_np:.1f} | **{t_np / t_nb:.1f}×** | {agree.agreement * 100:.3f} % |"
                 f" {abs(nb.loss - ref.loss) / ref.loss:.1e} |")
         if not agree.ok:

@@ -90,7 +90,7 @@ def run_real(layers_dir: str, configs: list[tuple[int, int]], variants: list[str
     if not files:
         raise SystemExit(f"--layers-dir: no .npz layers in {layers_dir}; run bench/capture_smollm2_layers.py")
     base_name = "decoupleq (official settings)"
-    solve = get_solver(backend)  # numba gives the reference's codes (tests/test_numba_backend.py), faster
+    solve = get_solver(backend)  # numba gives the reference's codes (tests/numba/test_numba_backend.py), faster
     for bits, gs in configs:
         print(f"\nW{bits} group_size={gs}: objective ratio to {base_name} (same damped H), seconds per layer")
         names = [n for n in VARIANTS if n != base_name and (not variants or n in variants)]

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The gpu backend's checks on a real CUDA GPU, as one prepared script (a lent GPU machine's time is short):
-#   1. the gpu kernel tests with the simulator off (tests/test_gpu_kernels.py, real kernels: here the
+#   1. the gpu kernel tests with the simulator off (tests/gpu/test_gpu_kernels.py, real kernels: here the
 #      W2 quad GEMV also runs its linked CUDA C step, gpu/packed_quad.cu, and the incremental init);
 #   2. the cuda backend on the whole conformance suite at reference level (decoupleq validate);
 #   3. the packed matmul against the input battery (decoupleq check-kernel);
@@ -32,7 +32,7 @@ print('cuda device:', cuda.get_current_device().name, 'cc', cuda.get_current_dev
 } 2>&1 | tee "$OUT/env.log"
 
 step tests && echo "== 1. gpu kernel tests, simulator off" && \
-timeout "${T_TESTS:-120}" "$PY" -m pytest -q -p no:cacheprovider --maxfail=5 tests/test_gpu_kernels.py 2>&1 | tee "$OUT/tests.log"
+timeout "${T_TESTS:-120}" "$PY" -m pytest -q -p no:cacheprovider --maxfail=5 tests/gpu/test_gpu_kernels.py 2>&1 | tee "$OUT/tests.log"
 
 step validate && echo "== 2. cuda backend on the conformance suite (reference level)" && \
 timeout "${T_VALIDATE:-80}" bash -c "$(declare -f cli); PY=$PY; cli validate --impl cuda --level reference --details 3" \

@@ -13,7 +13,7 @@ layer by layer (codes equal, loss ratio); then perplexity of fp and both checkpo
         --heads 4 --kv-heads 2 --out /tmp/gpc_cpu                  # the script itself, on a CPU
 
 (The simulator runs `--backend cuda` too, but takes over 20 minutes for the 14 layers of even a
-32-wide 2-block model; tests/test_gpu_kernels.py runs the CLI path on one tiny layer set instead.)
+32-wide 2-block model; tests/gpu/test_gpu_kernels.py runs the CLI path on one tiny layer set instead.)
 
 Prints one line per step and writes summary.json under --out. Exit status 1 if a command fails
 or a layer's loss in the tested backend's checkpoint is above 1.001× the other's.

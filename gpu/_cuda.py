@@ -27,7 +27,7 @@ INSTALL_HINT = ('the gpu backend needs numba-cuda and a CUDA GPU: pip install "d
 if not hasattr(np, "row_stack"):  # pragma: no cover - depends on the installed NumPy
     np.row_stack = np.vstack
 
-try:  # pragma: no cover - both states are exercised by tests/test_gpu_sim.py
+try:  # pragma: no cover - both states are exercised by tests/gpu/test_gpu_sim.py
     from numba import cuda
 
     HAVE_NUMBA_CUDA = True

@@ -14,7 +14,7 @@ This module closes that gap in two steps:
    (default 9.0, Hopper) and returns the failures.
 
     NUMBA_ENABLE_CUDASIM=1 python -c "import gpu.compile_check as c, pytest; \\
-        c.record_launches('launches.json'); pytest.main(['tests/test_gpu_kernels.py'])"
+        c.record_launches('launches.json'); pytest.main(['tests/gpu/test_gpu_kernels.py'])"
     python -m gpu.compile_check launches.json [--cc 9.0]
 
 3. ``compile_linked(cc)`` (always run by the command, the launches file is then optional):
@@ -22,7 +22,7 @@ This module closes that gap in two steps:
    them, which the simulator never launches (it cannot run C), with a check that the kernel's
    extern declaration has the parameter types the source defines.
 
-tests/test_gpu_sim.py does all three on every test run where NVVM and NVRTC can be loaded.
+tests/gpu/test_gpu_sim.py does all three on every test run where NVVM and NVRTC can be loaded.
 """
 
 from __future__ import annotations

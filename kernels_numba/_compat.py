@@ -11,7 +11,7 @@ import functools
 
 INSTALL_HINT = 'kernels_numba needs numba >= 0.60: pip install "decoupleq-ref[numba]" (or use the numpy backend, decoupleq_ref)'
 
-try:  # pragma: no cover - exercised in both states by tests/test_numba_backend.py
+try:  # pragma: no cover - exercised in both states by tests/numba/test_numba_backend.py
     import numba as _numba
 
     HAVE_NUMBA = tuple(int(x) for x in _numba.__version__.split(".")[:2]) >= (0, 60)

@@ -15,7 +15,7 @@ Modules, each importing only those above it: report, policy (tolerances), adapte
 (conventions, loading an implementation), suite (cases, manifest, hashes), exact, layout,
 check, kernel, checkpoint, ggml_q4_1, gguf_export, compare, conformance (strategies and official_style stand
 alone); the scripts make_suite, ggml_check and policy_evidence are run with ``python -m`` and not
-imported here. tests/test_validate_imports.py keeps it so.
+imported here. tests/validate/test_validate_imports.py keeps it so.
 
 Everything here is NumPy-only at import; cvxpy (validate.exact), hypothesis
 (validate.strategies), torch (official checkpoints, bf16 kernel inputs), safetensors (suite

@@ -9,7 +9,7 @@ by re-running the command, and a dead worker's task is retried (Ray task retries
 pool fails the command, which then resumes).
 
 Results do not depend on the executor: every task is the same deterministic solve of the same
-float64 inputs (tests/test_executor.py checks the checkpoints byte for byte).
+float64 inputs (tests/model/test_executor.py checks the checkpoints byte for byte).
 """
 
 from __future__ import annotations

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from support import REPO as ROOT  # noqa: E402
 PACKAGE = ROOT / "validate"
 #: Imported where used, so that validate imports without them (pyproject's optional extras).
 OPTIONAL = {"cvxpy", "hypothesis", "torch", "gguf", "safetensors", "ml_dtypes"}

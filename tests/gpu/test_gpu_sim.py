@@ -1,4 +1,4 @@
-"""Runs tests/test_gpu_kernels.py in numba's CUDA simulator, in a subprocess, and compiles every
+"""Runs tests/gpu/test_gpu_kernels.py in numba's CUDA simulator, in a subprocess, and compiles every
 kernel launch it made for a real GPU (sm_90) with gpu.compile_check.
 
 NUMBA_ENABLE_CUDASIM must be set before numba.cuda is imported, and it would replace every
@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from support import REPO as ROOT  # noqa: E402
 needs_numba_cuda = pytest.mark.skipif(
     importlib.util.find_spec("numba_cuda") is None,
     reason='numba-cuda is not installed: pip install -e ".[cuda]" to run the GPU kernels in the simulator')
@@ -35,7 +35,7 @@ sys.exit(pytest.main(["-q", "-p", "no:cacheprovider", "-rs", sys.argv[2]]))
 def simulator_run(tmp_path_factory):
     launches = tmp_path_factory.mktemp("gpu_sim") / "launches.json"
     env = dict(os.environ, NUMBA_ENABLE_CUDASIM="1")
-    proc = subprocess.run([sys.executable, "-c", CHILD, str(launches), str(ROOT / "tests" / "test_gpu_kernels.py")],
+    proc = subprocess.run([sys.executable, "-c", CHILD, str(launches), str(ROOT / "tests" / "gpu" / "test_gpu_kernels.py")],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     return proc, launches
 

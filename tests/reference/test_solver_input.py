@@ -4,7 +4,7 @@ the argument; layers at extreme magnitudes are solved by power-of-two rescaling 
 float64 cannot hold the answer); the fp16 branch keeps the final objective at most RTN's.
 
 The cuda backend runs where gpu.can_run(): on a GPU in-process, and in numba's CUDA simulator
-through ``test_gpu_backend_cases_pass_in_the_simulator`` (a subprocess, as tests/test_gpu_sim.py does)."""
+through ``test_gpu_backend_cases_pass_in_the_simulator`` (a subprocess, as tests/gpu/test_gpu_sim.py does)."""
 
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ from decoupleq_ref.hp_branch import TIE_BREAK
 from decoupleq_ref.layer_input import solve_layer
 from validate.strategies import layers, make_hessian
 
-ROOT = Path(__file__).resolve().parents[1]
+from support import REPO as ROOT  # noqa: E402
 
 
 def _backend_param(name: str):
@@ -284,8 +284,6 @@ def test_branch_regressions_at_non_default_damping(kind, damp, k, gs):
 
 CHILD = """
 import sys
-sys.path.insert(0, "tests")
-import test_gpu_kernels  # noqa: F401  (makes the simulator's shared arrays thread-safe)
 import pytest
 sys.exit(pytest.main(["-q", "-p", "no:cacheprovider", "-rs", "-k", "cuda", sys.argv[1]]))
 """

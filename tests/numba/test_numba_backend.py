@@ -27,7 +27,7 @@ from validate.strategies import configs, layers, make_hessian
 
 pytestmark = pytest.mark.skipif(not kn.available(), reason="numba is not installed")
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from support import REPO  # noqa: E402
 
 
 def structured_layer(kind: str, out: int = 40, n_in: int = 96, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

@@ -1,8 +1,8 @@
 """Every gpu kernel against the float64 reference, on tiny shapes.
 
 Runs wherever the kernels can execute: on a real CUDA GPU in-process, and in numba's CUDA
-simulator through tests/test_gpu_sim.py (a subprocess with NUMBA_ENABLE_CUDASIM=1, so the other
-tests' numba is untouched). Without either, every test here skips with the reason.
+simulator through tests/gpu/test_gpu_sim.py (a subprocess with NUMBA_ENABLE_CUDASIM=1, so the other
+tests' numba is untouched; tests/conftest.py makes the simulator's shared arrays thread-safe). Without either, every test here skips with the reason.
 
 Agreement required (validate.policy.CUDA): the same integer codes on ≥ 99.9 % of entries, losses and (s, z) to
 1e-5 relative, the packed matmul to 1e-3 relative for fp16 activations.
@@ -25,36 +25,7 @@ from validate.policy import CUDA
 from validate.strategies import layers
 
 pytestmark = pytest.mark.skipif(not gpu.can_run(), reason="no CUDA GPU and not under the CUDA simulator "
-                                "(tests/test_gpu_sim.py runs this module in the simulator)")
-
-if gpu.simulator():
-    import threading
-
-    from numba.cuda.simulator import kernelapi
-
-    _SHARED_LOCK = threading.Lock()
-
-    def _shared_array_locked(self, shape, dtype, alignment=None):
-        """The simulator's cuda.shared.array, made thread-safe: it looks up the per-block
-        allocation of the calling line and creates it if missing without a lock, so two
-        simulated threads can each create their own copy and stop sharing memory (seen as
-        garbage results that depend on thread scheduling)."""
-        if shape == 0 or alignment is not None:
-            return _SHARED_ORIGINAL(self, shape, dtype, alignment)
-        frame = sys._getframe(1)
-        caller = (frame.f_code.co_filename, frame.f_lineno)
-        with _SHARED_LOCK:
-            res = self._allocations.get(caller)
-            if res is None:
-                dt = kernelapi.numpy_support.as_dtype(dtype) if isinstance(dtype, kernelapi.types.Type) else dtype
-                res = self._allocations[caller] = np.empty(shape, dt)
-        return res
-
-    _SHARED_ORIGINAL = kernelapi.FakeCUDAShared.array
-    kernelapi.FakeCUDAShared.array = _shared_array_locked
-    # Every simulated CUDA thread is a Python thread; a short GIL switch interval makes the
-    # barrier-heavy kernels ~4× faster to simulate.
-    sys.setswitchinterval(1e-4)
+                                "(tests/gpu/test_gpu_sim.py runs this module in the simulator)")
 
 CODES_AGREE = CUDA.min_agreement  # the bounds of validate.policy.CUDA, for the kernels one by one
 REL = CUDA.loss_rtol

@@ -19,7 +19,7 @@ from validate.kernel import check_kernel, random_layer
 from validate.kernel_layers import DEPLOY_COLS, DEPLOY_ROWS, default_layers
 from validate.report import FAIL, PASS, SKIP
 
-ROOT = Path(__file__).resolve().parents[1]
+from support import REPO as ROOT  # noqa: E402
 MISTAKES = ["reversed_bit_order", "interleaved_nibbles", "transposed_scales", "group_misaligned",
             "negated_zero", "zero_point", "signed_codes", "off_by_one_group", "column_major_packing"]
 # tile, row and chunk mistakes: planted mistake -> the defect that must be named (on TILED_LAYER)

@@ -20,7 +20,7 @@ pytest.importorskip("gguf")
 
 from decoupleq_ref.model.tiny import save_random_stats, save_tiny  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
+from support import REPO  # noqa: E402
 #: what a tqdm bar (or transformers' named bars) leaves in a log
 FOREIGN_BAR = re.compile(r"\d+%\||it/s\]|s/it\]|Converting and de-quantizing|Writing model shards|Loading weights")
 

@@ -26,7 +26,7 @@ from validate.check import Policy, check_result
 from validate.conformance import load_suite, run_suite
 from validate.report import FAIL, HINT, PASS, Report
 
-ROOT = Path(__file__).resolve().parents[1]
+from support import REPO as ROOT  # noqa: E402
 
 # ----------------------------------------------------------------------------- implementations
 

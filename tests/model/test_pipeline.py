@@ -26,9 +26,7 @@ from decoupleq_ref.model.checkpoint import CONFIG_NAME, PARTIAL, WEIGHTS_NAME, r
 from decoupleq_ref.model.stats import CalibrationStats  # noqa: E402
 from decoupleq_ref.model.tiny import save_tiny  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
-CALIB_TEXT = REPO.parent / "shared" / "data" / "wikitext-2" / "valid.txt"
-EVAL_TEXT = REPO.parent / "shared" / "data" / "wikitext-2-raw" / "wiki.test.raw"
+from support import CALIB_TEXT, EVAL_TEXT, REPO  # noqa: E402,F401
 runner = CliRunner()
 
 

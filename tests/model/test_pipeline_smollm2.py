@@ -14,8 +14,7 @@ pytest.importorskip("gguf")
 
 from decoupleq_ref.model.source import installed_default_model  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
-CALIB_TEXT = REPO.parent / "shared" / "data" / "wikitext-2" / "valid.txt"
+from support import CALIB_TEXT, REPO  # noqa: E402,F401
 
 pytestmark = [
     pytest.mark.skipif(installed_default_model() is None,
