@@ -31,10 +31,9 @@ from decoupleq_ref.init import minmax_range, minmax_scale_zero, shrink_factors  
 
 from ._blas import matmul
 from ._compat import njit, prange, require
-from ._products import in_solve, remember_losses, wh, wh_row_dots
 from .objective import residual_rows, row_chunk
 
-__all__ = ["init_scale_zero", "minmax_range", "minmax_scale_zero", "quantize_rtn", "shrink_factors"]
+__all__ = ["grid_search", "init_scale_zero", "minmax_range", "minmax_scale_zero", "quantize_rtn", "shrink_factors"]
 
 PANEL = 128  # columns of H per panel (128·in·8 bytes = 4 MiB per thread for in = 4096): longer
 # rank-1 updates than 64 (2.4 vs 2.7 s for a 1024×4096 g64 init, 0.20 vs 0.22 s for 576×1536, one
@@ -244,12 +243,18 @@ def init_scale_zero(W: np.ndarray, H: np.ndarray, bits: int, group_size: int, sy
     """Shrink grid search (mirrors decoupleq_ref.init_scale_zero): the same p per row, hence
     bitwise the same (s, z); the returned losses agree to rounding (see the module docstring)."""
     require()
+    return grid_search(W, H, matmul(W, H), bits, group_size, symmetric, grid, max_shrink)
+
+
+def grid_search(W: np.ndarray, H: np.ndarray, t: np.ndarray, bits: int, group_size: int, symmetric: bool, grid: int,
+                max_shrink: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """init_scale_zero with t = W·H given (the solver computes it once per layer): (scale, zero,
+    ℓ of RTN on that grid per row, from the incremental formula)."""
     xmin, xmax = minmax_range(W, group_size, symmetric)
     s1, z1 = minmax_scale_zero(xmin, xmax, bits, symmetric)
     ps = shrink_factors(grid, max_shrink)
     maxq = (1 << bits) - 1
     q1 = _rtn_codes(W, s1, z1, maxq)
-    t = wh(W, H)
     out, n = W.shape
     kbest = np.empty(out, np.int64)
     loss = np.empty(out)
@@ -262,6 +267,4 @@ def init_scale_zero(W: np.ndarray, H: np.ndarray, bits: int, group_size: int, sy
                                            maxq, float(1 << (bits - 1)), bool(symmetric), _row_block(r1 - r0), PANEL)
     p = ps[kbest][:, None]
     scale, zero = minmax_scale_zero(p * xmin, p * xmax, bits, symmetric)
-    if in_solve():  # the solver's first proposal is exactly RTN on this grid: its loss is known
-        remember_losses(W, H, _rtn_codes(W, scale, zero, maxq), scale, zero, loss, np.abs(wh_row_dots(W, H)))
     return scale, zero, loss
