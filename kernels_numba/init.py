@@ -97,11 +97,10 @@ def _flag_codes(w, z, inv, maxq, prev, flag):
 
 
 @njit
-def _grid_block(W, R1, g1, t, H, xmin, xmax, s1, q1, ps, maxq, half, symmetric, r0, r1, panel, kbest, best):
-    """Rows r0..r1 of the grid search (one task; see the module docstring).
-
-    Phase A records the code changes (column, s₁·Δq) per (row, step) with D·g₁ and D·t kept
-    cumulatively; phase B accumulates D_p H D_pᵀ panel by panel; then each row picks its p."""
+def _record_changes(W, g1, t, xmin, xmax, s1, q1, ps, maxq, half, symmetric, r0, r1):
+    """Phase A of the grid search for rows r0..r1: the code changes between neighbouring shrink
+    factors as events (column ej, value ev = s₁·Δq), row ii's step-k events at off[ii, k]..off[ii,
+    k+1], and D_p·g₁, D_p·t kept cumulatively (cumg, cumt)."""
     n = W.shape[1]
     G = xmin.shape[1]
     gs = n // G
@@ -162,7 +161,15 @@ def _grid_block(W, R1, g1, t, H, xmin, xmax, s1, q1, ps, maxq, half, symmetric, 
             off[ii, k + 1] = ne
             cumg[ii, k] = dg
             cumt[ii, k] = dt
-    # phase B: Δ(D H Dᵀ) = d·(u_old + u_new) at the changed columns, u = D H kept per panel
+    return ej, ev, off, cumg, cumt
+
+
+@njit
+def _quadratic_increments(H, ej, ev, off, K, panel):
+    """Phase B: da[ii, k] = Δ(D H Dᵀ) from step k − 1 to k, as d·(u_old + u_new) at the changed
+    columns, with u = D H kept per panel of H's columns (copied once into a local buffer)."""
+    m = off.shape[0]
+    n = H.shape[0]
     da = np.zeros((m, K))
     Hp = np.empty((n, panel))
     up = np.empty(panel)
@@ -194,8 +201,16 @@ def _grid_block(W, R1, g1, t, H, xmin, xmax, s1, q1, ps, maxq, half, symmetric, 
                     if jj >= 0 and jj < w:
                         acc += ev[e] * up[jj]
                 da[ii, k] += acc
-    # losses and the choice (strict <: ties keep the larger p, as the reference)
-    for ii in range(m):
+    return da
+
+
+@njit
+def _pick_factor(W, R1, g1, t, ps, cumg, cumt, da, r0, kbest, best):
+    """Phase C: every row's ℓ(p) from the expansion (module docstring) and its best p (strict <:
+    ties keep the larger p, as the reference)."""
+    n = W.shape[1]
+    K = ps.shape[0]
+    for ii in range(da.shape[0]):
         i = r0 + ii
         l1 = 0.0
         e1r = 0.0
@@ -218,6 +233,15 @@ def _grid_block(W, R1, g1, t, H, xmin, xmax, s1, q1, ps, maxq, half, symmetric, 
                 kb = k
         best[i] = b
         kbest[i] = kb
+
+
+@njit
+def _grid_block(W, R1, g1, t, H, xmin, xmax, s1, q1, ps, maxq, half, symmetric, r0, r1, panel, kbest, best):
+    """Rows r0..r1 of the grid search (one task; see the module docstring): record the code
+    changes, accumulate D_p H D_pᵀ, then each row picks its p."""
+    ej, ev, off, cumg, cumt = _record_changes(W, g1, t, xmin, xmax, s1, q1, ps, maxq, half, symmetric, r0, r1)
+    da = _quadratic_increments(H, ej, ev, off, ps.shape[0], panel)
+    _pick_factor(W, R1, g1, t, ps, cumg, cumt, da, r0, kbest, best)
 
 
 @njit(parallel=True)
