@@ -234,10 +234,3 @@ def load_impl(spec: str) -> Impl:
     if not callable(fn):
         raise ValueError(f"impl: {spec!r} is not callable")
     return fn
-
-
-def call_impl(fn: Impl, W: np.ndarray, H: np.ndarray, cfg: QuantConfig,
-              convention: str | Iterable[str] | None = None) -> dict[str, Any]:
-    """Run ``fn`` on copies of the inputs with ``cfg.to_dict()`` and convert its result."""
-    out = fn(np.array(W, dtype=np.float64), np.array(H, dtype=np.float64), cfg.to_dict())
-    return to_native(out, cfg, convention)
