@@ -8,6 +8,9 @@ lowers the objective.  rtn, gptq and decoupleq share this one code path:
 Two additions of this project, both off by default (official behaviour): the refinement
 (``refine_sweeps > 0``) and extra starts (``n_starts > 1``): the whole path is run again from
 other grid placements and each row keeps its best run.
+
+This is the only copy of the method: every backend runs it, supplying the array work through a
+per-layer operations object (layer_ops.LayerOps; docs/ALGORITHM.md §4, "The operations object").
 """
 
 from __future__ import annotations
@@ -70,7 +73,9 @@ def alternate(ops: LayerOps, scale: np.ndarray, zero: np.ndarray, losses: np.nda
         rate = offer(ops, run, f"integer[{it}]", ops.integer_step(run))
         if cfg.method == "gptq":
             break
-        if (it > 0 and rate < cfg.min_improvement) or offer(ops, run, f"float[{it}]", ops.float_step(run)) < cfg.min_improvement:
+        if not (it > 0 and rate < cfg.min_improvement):  # round 0 always gets its float step
+            rate = offer(ops, run, f"float[{it}]", ops.float_step(run))
+        if rate < cfg.min_improvement:
             run.status = NO_IMPROVEMENT
             run.message = (f"decoupleq: stopped in round {it + 1} of {rounds}: fewer than "
                            f"min_improvement = {cfg.min_improvement:g} of the rows improved")

@@ -3,8 +3,10 @@
 The normal equations P θ = y (ALGORITHM.md §3) are assembled per row chunk without the
 reference's redundant work: W·H is computed once per layer (``solve_scale_zero`` takes it),
 the A·H·Eᵀ block from the (in, G) group sums of H (no product with a ones matrix), and A·H·Aᵀ
-only for group pairs h ≥ g (P is symmetric: half the flops of q·H). The contraction runs compiled over rows; the batched
-solve with its degenerate-group handling is the reference's own ``solve_rows``.
+only for group pairs h ≥ g (P is symmetric: half the flops of q·H). The contraction runs
+compiled over rows; the batched solve with its degenerate-group handling is the reference's own
+``solve_rows``. The solver's operations object asks for the rows that need solving only, and for
+their losses from the normal equations (``quadratic_losses``).
 """
 
 from __future__ import annotations
