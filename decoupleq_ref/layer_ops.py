@@ -6,7 +6,7 @@ touches an array itself. Each backend provides one class with the interface of `
 below, built once per layer from (W, H_d, cfg), which keeps whatever the backend precomputes or
 holds on its device (W·H_d, GPTQ's factor, device copies) and supplies:
 
-* the start: ``init`` (grid search), ``start`` (RTN codes of a grid, as a ``Run``);
+* the start: ``init`` (grid search), ``start`` (RTN codes of a grid, ``rtn``, as a ``Run``);
 * the steps, each returning a ``Proposal`` — a candidate (q, s, z) together with the losses the
   step already knows (or None) — : ``float_step``, ``integer_step``, ``refine``,
   ``refine_profiled``;
@@ -117,9 +117,13 @@ class LayerOps:
 
     def start(self, scale: np.ndarray, zero: np.ndarray, losses: np.ndarray | None = None) -> Run:
         """The incumbent RTN(W; s, z) on the host grid (scale, zero), with its losses if known."""
-        q = quantize_rtn(self.W, scale, zero, self.cfg.bits)
+        q = self.rtn(scale, zero)
         obj = losses if losses is not None else self.proposal_losses(q, scale, zero)
         return Run(q, scale.copy(), zero.copy(), obj, stale=np.ones(self.W.shape[0], bool))
+
+    def rtn(self, scale: np.ndarray, zero: np.ndarray) -> np.ndarray:
+        """RTN codes of W on the host grid (scale, zero), in the backend's code dtype."""
+        return quantize_rtn(self.W, scale, zero, self.cfg.bits)
 
     # --- the steps ----------------------------------------------------------------------------
     def proposal_losses(self, q: Any, scale: Any, zero: Any) -> Any:

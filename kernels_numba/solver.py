@@ -91,8 +91,11 @@ class NumbaOps(LayerOps):
         c = self.cfg
         scale, zero, losses = grid_search(self.W, self.Hd, self.L, c.bits, c.group_size, c.symmetric, c.grid,
                                           c.max_shrink)
-        return scale, zero, self._checked(losses, np.abs(self.c), quantize_rtn(self.W, scale, zero, c.bits),
-                                          scale, zero, np.arange(self.W.shape[0]))
+        return scale, zero, self._checked(losses, np.abs(self.c), self.rtn(scale, zero), scale, zero,
+                                          np.arange(self.W.shape[0]))
+
+    def rtn(self, scale: np.ndarray, zero: np.ndarray) -> np.ndarray:
+        return quantize_rtn(self.W, scale, zero, self.cfg.bits)  # uint8, no (out, in) float64 temporaries
 
     def proposal_losses(self, q, scale, zero) -> np.ndarray:
         return exact_losses(self.W, q, scale, zero, self.Hd)

@@ -304,6 +304,7 @@ def test_step_loss_formulas_equal_the_residual_product(group_size, symmetric):
     s, z, init_losses = ops.init()
     assert (init_losses > RELIABLE * np.abs(ops.c)).all()
     run = ops.start(s, z, init_losses)
+    assert run.q.dtype == np.uint8  # the compiled backend keeps codes as uint8 (8× less memory than float64)
     np.testing.assert_allclose(run.obj, exact_losses(W, run.q, s, z, Hd), rtol=1e-10)
     for p in (ops.float_step(run), ops.integer_step(run)):
         assert p.moved is not None and p.losses is not None
