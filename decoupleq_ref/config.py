@@ -24,6 +24,10 @@ HP_SELECT: tuple[str, ...] = ("hessian", "obs", "magnitude", "error")
 #: the official-settings objective, for ~6× its solve time (BENCHMARKS.md §2).
 IMPROVED: dict[str, Any] = {"refine_sweeps": 3, "n_starts": 8}
 
+#: Fields older versions recorded that no longer exist; from_dict ignores them, so their
+#: checkpoints still load ("seed": no choice of the solver was ever random).
+RETIRED: tuple[str, ...] = ("seed",)
+
 
 def is_int(x: object) -> bool:
     """An integer, Python or numpy, but not a bool (True is not 1 bit)."""
@@ -61,7 +65,6 @@ class QuantConfig:
                   O(2^b·g²) per group of g columns (seconds per-channel on 1536 columns)
     block_size    GPTQ lazy-update block width (changes speed only, not the result)
     min_improvement  stop when fewer than this fraction of rows improved in a half-step
-    seed          seed for every random choice (none at the defaults; kept for API stability)
     hp_channels   k input channels kept in an fp16 branch B solved jointly with the quantized
                   part (Ŵ = s·q + z + B, B non-zero on k columns); 0 = off (hp_branch.py)
     hp_select     how those channels are chosen: "hessian" (diag(H)·‖W_col‖²), "obs"
@@ -85,7 +88,6 @@ class QuantConfig:
     lower_bound: bool = False
     block_size: int = 128
     min_improvement: float = 1e-4
-    seed: int = 0
     hp_channels: int = 0
     hp_select: str = "hessian"
 
@@ -148,6 +150,7 @@ class QuantConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "QuantConfig":
+        d = {k: v for k, v in d.items() if k not in RETIRED}
         known = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
         unknown = sorted(set(d) - set(known))
         if unknown:

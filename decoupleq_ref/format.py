@@ -6,8 +6,7 @@ are (out, n_groups); column j of row i belongs to group j // group_size.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -63,6 +62,11 @@ class QuantResult:
                   (decoupleq_ref/bounds.py), so objective / lower_bound bounds the optimality gap
     hp_index      with config.hp_channels = k: int64 (k,) ascending columns of the fp16 branch
     hp_weight     float64 (out, k) branch block B; Ŵ = s·q + z, plus B on the columns hp_index
+    status        why the solve stopped, as scipy.optimize's ``status`` (decoupleq_ref.solver):
+                  0 the alternation used all its rounds, 1 a half-step improved fewer than
+                  min_improvement of the rows, 2 the polish converged (a round moved no code),
+                  3 the polish used all refine_rounds; with extra starts, the first start's
+    message       the same in words, with the round it stopped in
     """
 
     q: np.ndarray
@@ -76,9 +80,10 @@ class QuantResult:
     improved_rows: list[int]
     config: QuantConfig
     lower_bound: float | None = None
-    info: dict[str, Any] = field(default_factory=dict)
     hp_index: np.ndarray | None = None
     hp_weight: np.ndarray | None = None
+    status: int = 0
+    message: str = ""
 
     @property
     def gap_bound(self) -> float | None:

@@ -1,25 +1,22 @@
-"""decoupleQ's layer solver on the device (mirrors decoupleq_ref/solver.py step for step).
+"""decoupleQ's layer solver on the device: the reference's solver loop (decoupleq_ref.solver)
+with the operations object ``CudaOps``.
 
 W, H_d, L = W·H_d, GPTQ's factor and the block sums of H_d go to the device once per layer; the
-state (q, s, z, per-row objective) stays there for the whole alternation. Per half-step only two
+incumbent (q, s, z, per-row objective) stays there for the whole solve. Per half-step only two
 numbers come back (the objective's sum for ``loss_history`` and the count of improved rows for
 the early-exit rule); the result is copied back once at the end. Host glue (input checks,
-damping, min-max ranges, shrink factors, extra-start candidates) is the reference's own code.
+damping, min-max ranges, shrink factors, extra-start candidates, the fp16 branch) is the
+reference's own code.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import numpy as np
 
-from decoupleq_ref.bounds import row_lower_bound
 from decoupleq_ref.config import QuantConfig
-from decoupleq_ref.format import QuantResult, dequantize_parts
-from decoupleq_ref.hp_branch import Branch, add_branch, branch_weight
-from decoupleq_ref.init import placement_starts
-from decoupleq_ref.layer_input import solve_layer
-from decoupleq_ref.objective import damp_hessian, row_losses
+from decoupleq_ref.format import QuantResult
+from decoupleq_ref.layer_ops import LayerOps, Proposal, Run
+from decoupleq_ref.solver import quantize_layer as reference_quantize_layer
 
 from ._cuda import blocks, cuda, jit, require
 from .float_step import FloatStepData, float_step_on_device
@@ -51,44 +48,24 @@ def _take_rows(better, dst, src) -> None:
     _take_rows_kernel[grid, block](better, dst, src)
 
 
-@dataclass
-class DeviceRun:
-    """The state of one solve on the device, and its history on the host."""
-
-    q: object
-    scale: object
-    zero: object
-    obj: object
-    history: list[float] = field(default_factory=list)
-    steps: list[str] = field(default_factory=list)
-    improved: list[int] = field(default_factory=list)
-
-    def offer(self, name: str, q, scale, zero, obj) -> float:
-        """Rows whose objective the proposal lowers take it; returns the fraction that did."""
-        out = self.obj.shape[0]
-        better = cuda.device_array(out, np.int32)
-        _better_kernel[blocks(out, 128), 128](obj, self.obj, better)
-        if q is not self.q:
-            _take_rows(better, self.q, q)
-        _take_rows(better, self.scale, scale)
-        _take_rows(better, self.zero, zero)
-        _take_rows(better, self.obj.reshape(out, 1), obj.reshape(out, 1))
-        total, count = sum_and_count(self.obj, better)
-        self.history.append(total)
-        self.steps.append(name)
-        self.improved.append(count)
-        return count / out
+def _copy(a):
+    c = cuda.device_array_like(a)
+    c.copy_to_device(a)
+    return c
 
 
-class LayerOnDevice:
-    """One layer's constant data on the device."""
+class CudaOps(LayerOps):
+    """The device backend's operations on one layer: every array of a ``Run`` or ``Proposal`` is
+    a device array; losses are always the residual product on the device (no step formulas)."""
+
+    damp_in_place = False  # the reported loss is the product on the undamped H, on the device
 
     def __init__(self, W: np.ndarray, Hd: np.ndarray, cfg: QuantConfig):
-        self.W, self.Hd, self.cfg = W, Hd, cfg
+        super().__init__(W, Hd, cfg)
         self.dW = cuda.to_device(W)
         self.dHd = cuda.to_device(Hd)
         self.float_data = FloatStepData(W, Hd, self.dW, self.dHd, cfg.group_size)
-        self.factor = GptqFactor(Hd, cfg.act_order, cfg.damp) if cfg.method != "rtn" else None
+        self.gptq = GptqFactor(Hd, cfg.act_order, cfg.damp) if cfg.method != "rtn" else None
         self._profile = None
 
     def profile_constants(self):
@@ -98,67 +75,63 @@ class LayerOnDevice:
             self._profile = (transpose(self.float_data.L), cuda.to_device(h1), float(h1.sum()))
         return self._profile
 
-    def objective(self, q, scale, zero):
+    def init(self):
+        c = self.cfg
+        (scale, zero), _ = init_on_device(self.dW, self.dHd, self.W, c.bits, c.group_size, c.symmetric, c.grid,
+                                          c.max_shrink)
+        return scale, zero, None
+
+    def start(self, scale, zero, losses=None) -> Run:
+        s0, z0 = cuda.to_device(np.ascontiguousarray(scale)), cuda.to_device(np.ascontiguousarray(zero))
+        q = rtn_codes(self.dW, s0, z0, self.cfg.bits)
+        return Run(q, s0, z0, self.proposal_losses(q, s0, z0))
+
+    def proposal_losses(self, q, scale, zero):
         return layer_row_losses(self.dW, q, scale, zero, self.dHd)
 
+    def float_step(self, run: Run, q=None, moved=None) -> Proposal:
+        c = self.cfg
+        q = run.q if q is None else q
+        s, z = float_step_on_device(self.float_data, q, run.scale, c.bits, c.group_size, c.symmetric)
+        return Proposal(q, s, z, fitted=True)
 
-def alternate(layer: LayerOnDevice, scale: np.ndarray, zero: np.ndarray, refit_first: bool = True) -> DeviceRun:
-    """The method's whole path from an initial (s, z), as decoupleq_ref.solver.alternate."""
-    cfg, b = layer.cfg, layer.cfg.bits
-    s0, z0 = cuda.to_device(np.ascontiguousarray(scale)), cuda.to_device(np.ascontiguousarray(zero))
-    q = rtn_codes(layer.dW, s0, z0, b)
-    run = DeviceRun(q, s0, z0, layer.objective(q, s0, z0))
-    total, _ = sum_and_count(run.obj, run.obj)
-    run.history, run.steps, run.improved = [total], ["init"], [layer.W.shape[0]]
+    def integer_step(self, run: Run) -> Proposal:
+        c = self.cfg
+        q = integer_step_on_device(self.dW, run.scale, run.zero, self.dHd, self.gptq, c.bits, c.relax_iters, c.relax_lr)
+        return Proposal(q, _copy(run.scale), _copy(run.zero))
 
-    def propose(name: str, q_new, s_new, z_new) -> float:
-        return run.offer(name, q_new, s_new, z_new, layer.objective(q_new, s_new, z_new))
+    def refine(self, run: Run) -> tuple[Proposal, int]:
+        c = self.cfg
+        q, moves = refine_integers_on_device(self.dW, run.q, run.scale, run.zero, self.dHd, c.bits, c.refine_sweeps)
+        return Proposal(q, run.scale, run.zero), moves
 
-    def float_step(name: str) -> float:
-        s_new, z_new = float_step_on_device(layer.float_data, run.q, run.scale, b, cfg.group_size, cfg.symmetric)
-        return propose(name, run.q, s_new, z_new)
+    def refine_profiled(self, run: Run):
+        c = self.cfg
+        q, moves = refine_profiled_on_device(self.dW, run.q, self.dHd, *self.profile_constants(), c.bits, c.symmetric,
+                                             c.refine_sweeps)
+        return q, None, moves
 
-    def integer(s_, z_):
-        return integer_step_on_device(layer.dW, s_, z_, layer.dHd, layer.factor, b, cfg.relax_iters, cfg.relax_lr)
+    def accept(self, run: Run, p: Proposal, losses) -> tuple[int, float]:
+        out = run.rows
+        better = cuda.device_array(out, np.int32)
+        _better_kernel[blocks(out, 128), 128](losses, run.obj, better)
+        if p.q is not run.q:
+            _take_rows(better, run.q, p.q)
+        _take_rows(better, run.scale, p.scale)
+        _take_rows(better, run.zero, p.zero)
+        _take_rows(better, run.obj.reshape(out, 1), losses.reshape(out, 1))
+        total, count = sum_and_count(run.obj, better)
+        return count, total
 
-    def copy(a):
-        c = cuda.device_array_like(a)
-        c.copy_to_device(a)
-        return c
+    def total(self, obj) -> float:
+        return sum_and_count(obj, obj)[0]
 
-    rounds = {"rtn": 0, "gptq": 1, "decoupleq": cfg.iters}[cfg.method]
-    gptq_on_init = None
-    if cfg.method == "decoupleq" and refit_first:
-        # the reference's official start: GPTQ on the searched grid is kept aside (offered after
-        # the alternation) and the first GPTQ grid is the least-squares refit of the RTN codes
-        gptq_on_init = (integer(run.scale, run.zero), copy(run.scale), copy(run.zero))
-        float_step("float[init]")
-    for it in range(rounds):
-        rate = propose(f"integer[{it}]", integer(run.scale, run.zero), run.scale, run.zero)
-        if cfg.method == "gptq" or (it > 0 and rate < cfg.min_improvement):
-            break
-        if float_step(f"float[{it}]") < cfg.min_improvement:
-            break
-    if gptq_on_init is not None:
-        propose("gptq[init]", *gptq_on_init)
+    def host(self, run: Run):
+        return run.q.copy_to_host(), run.scale.copy_to_host(), run.zero.copy_to_host(), run.obj.copy_to_host()
 
-    # Polish, as the reference: exact ±1 descent (profiled per-channel, fixed (s, z) with groups),
-    # then the exact float step, until no code moves.
-    if cfg.method == "decoupleq" and cfg.refine_sweeps:
-        for r in range(cfg.refine_rounds):
-            if cfg.group_size == -1:
-                q_new, moves = refine_profiled_on_device(layer.dW, run.q, layer.dHd, *layer.profile_constants(), b,
-                                                         cfg.symmetric, cfg.refine_sweeps)
-                s_new, z_new = float_step_on_device(layer.float_data, q_new, run.scale, b, -1, cfg.symmetric)
-                propose(f"refine[{r}]", q_new, s_new, z_new)
-            else:
-                q_new, moves = refine_integers_on_device(layer.dW, run.q, run.scale, run.zero, layer.dHd, b,
-                                                         cfg.refine_sweeps)
-                propose(f"refine[{r}]", q_new, run.scale, run.zero)
-                float_step(f"refit[{r}]")
-            if moves == 0:
-                break
-    return run
+    def reported_losses(self, q, scale, zero, lam, H):
+        return layer_row_losses(self.dW, cuda.to_device(q), cuda.to_device(scale), cuda.to_device(zero),
+                                cuda.to_device(H)).copy_to_host()
 
 
 def quantize_layer(W: np.ndarray, H: np.ndarray, cfg: QuantConfig | None = None) -> QuantResult:
@@ -166,54 +139,9 @@ def quantize_layer(W: np.ndarray, H: np.ndarray, cfg: QuantConfig | None = None)
 
     Same contract and result as decoupleq_ref.quantize_layer (float64 throughout, so the codes
     agree with the reference's up to rounding-level ties), the polish (``refine_sweeps``) and the
-    fp16 branch (``hp_channels``) included. The branch's selection, Schur-complement Hessian and
-    closed-form B are the reference's host code (O(out·k·in), once per layer); the device solves
-    the quantized part on that Hessian exactly as without a branch."""
+    fp16 branch (``hp_channels``) included: the loop is the reference's, the operations
+    ``CudaOps``. The branch's selection, Schur-complement Hessian and closed-form B are the
+    reference's host code (O(out·k·in), once per layer); the device solves the quantized part on
+    that Hessian exactly as without a branch."""
     require()
-    return solve_layer(solve_checked_layer, W, H, cfg)
-
-
-def solve_checked_layer(W: np.ndarray, H: np.ndarray, cfg: QuantConfig) -> QuantResult:
-    """quantize_layer on input that decoupleq_ref.layer_input.solve_layer (the reference's input
-    checks, PSD check and rescaling of extreme magnitudes) has validated and scaled."""
-    H_obj = Hd = damp_hessian(H, cfg.damp)
-    branch = None
-    if cfg.hp_channels:
-        branch = Branch.prepare(W, H_obj, cfg.hp_channels, cfg.hp_select, cfg.bits, cfg.group_size)
-        Hd = branch.hessian
-    layer = LayerOnDevice(W, Hd, cfg)
-    (scale, zero), _ = init_on_device(layer.dW, layer.dHd, W, cfg.bits, cfg.group_size, cfg.symmetric,
-                                      cfg.grid, cfg.max_shrink)
-    run = alternate(layer, scale, zero)
-    if cfg.n_starts > 1 and cfg.method != "rtn":
-        for k, (s0, z0) in enumerate(placement_starts(W, Hd, cfg.bits, cfg.group_size, cfg.symmetric,
-                                                      cfg.n_starts - 1), start=1):
-            other = alternate(layer, s0, z0, refit_first=False)
-            run.offer(f"start[{k}]", other.q, other.scale, other.zero, other.obj)
-
-    q, scale, zero = run.q.copy_to_host(), run.scale.copy_to_host(), run.zero.copy_to_host()
-    objective = float(run.obj.copy_to_host().sum())
-    hp_index = hp_weight = None
-    if branch is None:
-        row_loss = layer_row_losses(layer.dW, run.q, run.scale, run.zero, cuda.to_device(H)).copy_to_host()
-    else:
-        W_hat = dequantize_parts(q, scale, zero)
-        hp_index, hp_weight = branch.index, branch_weight(W, W_hat, H_obj, branch.index)
-        W_hat = add_branch(W_hat, hp_index, hp_weight)
-        objective = float(row_losses(W, W_hat, H_obj).sum())
-        row_loss = row_losses(W, W_hat, H)
-    return QuantResult(
-        q=q,
-        scale=scale,
-        zero=zero,
-        loss=float(row_loss.sum()),
-        row_loss=row_loss,
-        objective=objective,
-        loss_history=run.history,
-        history_steps=run.steps,
-        improved_rows=run.improved,
-        config=cfg,
-        lower_bound=float(row_lower_bound(W, Hd, cfg.bits, cfg.group_size).sum()) if cfg.lower_bound else None,
-        hp_index=hp_index,
-        hp_weight=hp_weight,
-    )
+    return reference_quantize_layer(W, H, cfg, backend=CudaOps)

@@ -12,6 +12,6 @@ the install command). Kernels are compiled on first call and cached on disk (``c
 from ._compat import available
 from .matmul import dequantize, packed_matmul
 from .packing import pack, unpack
-from .solver import OPS, quantize_layer
+from .solver import NumbaOps, quantize_layer
 
-__all__ = ["OPS", "available", "dequantize", "pack", "packed_matmul", "quantize_layer", "unpack"]
+__all__ = ["NumbaOps", "available", "dequantize", "pack", "packed_matmul", "quantize_layer", "unpack"]

@@ -1,10 +1,12 @@
 """Float step (mirrors decoupleq_ref/float_step.py): the exact (s, z) per row for fixed q.
 
 The normal equations P θ = y (ALGORITHM.md §3) are assembled per row chunk without the
-reference's redundant work: W·H comes from the solve's cache, the A·H·Eᵀ block from the
-(in, G) group sums of H (no product with a ones matrix), and A·H·Aᵀ only for group pairs h ≥ g
-(P is symmetric: half the flops of q·H). The contraction runs compiled over rows; the batched
-solve with its degenerate-group handling is the reference's own ``solve_rows``.
+reference's redundant work: W·H is computed once per layer (``solve_scale_zero`` takes it),
+the A·H·Eᵀ block from the (in, G) group sums of H (no product with a ones matrix), and A·H·Aᵀ
+only for group pairs h ≥ g (P is symmetric: half the flops of q·H). The contraction runs
+compiled over rows; the batched solve with its degenerate-group handling is the reference's own
+``solve_rows``. The solver's operations object asks for the rows that need solving only, and for
+their losses from the normal equations (``quadratic_losses``).
 """
 
 from __future__ import annotations
@@ -15,10 +17,8 @@ from decoupleq_ref.float_step import degenerate_groups, solve_rows
 
 from ._blas import matmul
 from ._compat import njit, prange, require
-from ._products import (in_solve, recall_float_step, remember_float_step, remember_losses, row_fingerprints, wh,
-                        wh_row_dots)
 
-__all__ = ["closed_form_scale_zero", "normal_equations"]
+__all__ = ["closed_form_scale_zero", "normal_equations", "quadratic_losses", "solve_scale_zero"]
 
 CHUNK_BYTES = 64 << 20  # rows per Gram pass: fewer, larger BLAS calls
 SOLVE_BYTES = 16 << 20  # rows per batched solve: solve_rows makes ~4 copies of its systems
@@ -92,60 +92,54 @@ def normal_equations(A: np.ndarray, L: np.ndarray, panels: list[np.ndarray], Hs:
 def closed_form_scale_zero(q: np.ndarray, W: np.ndarray, H: np.ndarray, bits: int, group_size: int,
                            symmetric: bool, scale: np.ndarray, row_chunk: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """argmin_{s,z} Σ_i (s·q_i + z − W_i) H (…)ᵀ for fixed q (mirrors
-    decoupleq_ref.closed_form_scale_zero, including the degenerate-group fallback).
-
-    Inside a solve, rows whose codes are those of the previous float step (and that have no
-    degenerate group, whose value would come from ``scale``) take that step's (s, z) and loss:
-    the same system gives the same solution. In the later alternations most rows are such."""
+    decoupleq_ref.closed_form_scale_zero, including the degenerate-group fallback)."""
     require()
+    s, z, _ = solve_scale_zero(q, W, H, matmul(W, H), bits, group_size, symmetric, scale, row_chunk=row_chunk)
+    return s, z
+
+
+def solve_scale_zero(q: np.ndarray, W: np.ndarray, H: np.ndarray, L: np.ndarray, bits: int, group_size: int,
+                     symmetric: bool, scale: np.ndarray, rows: np.ndarray | None = None, c: np.ndarray | None = None,
+                     row_chunk: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """The float step on the rows ``rows`` (all when None): their (s, z), (len(rows), G) each, and
+    with c = (W_i H W_iᵀ)_i also their losses ℓ_i from the normal equations (quadratic_losses).
+    L = W·H (the caller's, computed once per layer); ``scale`` is held for degenerate groups."""
     out, n_in = q.shape
     G = 1 if group_size == -1 else n_in // group_size
     gs = n_in // G
     half = float(1 << (bits - 1))
-    L = wh(W, H)
-    new_s, new_z = np.empty((out, G)), np.empty((out, G))
+    todo = np.arange(out) if rows is None else np.asarray(rows, np.int64)
+    new_s, new_z = np.empty((todo.size, G)), np.empty((todo.size, G))
+    losses = None if c is None else np.empty(todo.size)
+    if not todo.size:
+        return new_s, new_z, losses
     degenerate = degenerate_groups(q, G, bits, symmetric)
-    key = (bits, G, bool(symmetric))
-    solving = in_solve()  # only then are the losses (for proposal_losses) and the rows' reuse worth it
-    prints, prev = (row_fingerprints(q), recall_float_step(W, H, key)) if solving else (None, None)
-    losses = np.empty(out) if solving else None
-    todo = np.arange(out)
-    if prev is not None:
-        same = (prints == prev["prints"]) & ~degenerate.any(axis=1)
-        for name, arr in (("scale", new_s), ("zero", new_z), ("losses", losses)):
-            arr[same] = prev[name][same]
-        todo = np.nonzero(~same)[0]
-    if todo.size:
-        Hs = H.reshape(n_in, G, gs).sum(axis=2)
-        panels = [np.ascontiguousarray(H[g * gs:(g + 1) * gs, g * gs:]) for g in range(G)]
-        P22 = None if symmetric else H.reshape(G, gs, G, gs).sum(axis=(1, 3))
-        n_unk = G if symmetric else 2 * G
-        chunk = row_chunk or max(1, min(4096, CHUNK_BYTES // (8 * max(n_in, n_unk * n_unk))))
-        solve_chunk = max(1, SOLVE_BYTES // (8 * n_unk * n_unk))
-        for c0 in range(0, todo.size, chunk):
-            rows = todo[c0:c0 + chunk]
-            A = _basis(q, rows, half if symmetric else 0.0)
-            contiguous = rows[-1] - rows[0] + 1 == rows.size  # views, not copies, when all rows are solved
-            sel = slice(rows[0], rows[-1] + 1) if contiguous else rows
-            L_rows = L[sel]
-            P, y = normal_equations(A, L_rows, panels, Hs, P22, G)
-            fixed = np.zeros((rows.size, n_unk), dtype=bool)
-            fixed[:, :G] = degenerate[rows]
-            value = np.zeros((rows.size, n_unk))
-            value[:, :G] = scale[rows]
-            theta = np.empty_like(y)
-            for k0 in range(0, rows.size, solve_chunk):  # solve_rows copies its systems ~4 times
-                k = slice(k0, k0 + solve_chunk)
-                theta[k] = solve_rows(P[k], y[k], fixed[k], value[k])
-            new_s[rows] = theta[:, :G]
-            new_z[rows] = -theta[:, :G] * (1 << (bits - 1)) if symmetric else theta[:, G:]
-            if solving:
-                losses[rows] = quadratic_losses(P, y, theta, wh_row_dots(W, H)[sel])
-    if solving:
-        remember_float_step(W, H, key, {"prints": prints, "scale": new_s.copy(), "zero": new_z.copy(),
-                                        "losses": losses.copy()})  # copies: the caller owns new_s, new_z
-        remember_losses(W, H, q, new_s, new_z, losses, np.abs(wh_row_dots(W, H)))
-    return new_s, new_z
+    Hs = H.reshape(n_in, G, gs).sum(axis=2)
+    panels = [np.ascontiguousarray(H[g * gs:(g + 1) * gs, g * gs:]) for g in range(G)]
+    P22 = None if symmetric else H.reshape(G, gs, G, gs).sum(axis=(1, 3))
+    n_unk = G if symmetric else 2 * G
+    chunk = row_chunk or max(1, min(4096, CHUNK_BYTES // (8 * max(n_in, n_unk * n_unk))))
+    solve_chunk = max(1, SOLVE_BYTES // (8 * n_unk * n_unk))
+    for c0 in range(0, todo.size, chunk):
+        part = slice(c0, c0 + chunk)
+        rows_c = todo[part]
+        A = _basis(q, rows_c, half if symmetric else 0.0)
+        contiguous = rows_c[-1] - rows_c[0] + 1 == rows_c.size  # views, not copies, when all rows are solved
+        sel = slice(rows_c[0], rows_c[-1] + 1) if contiguous else rows_c
+        P, y = normal_equations(A, L[sel], panels, Hs, P22, G)
+        fixed = np.zeros((rows_c.size, n_unk), dtype=bool)
+        fixed[:, :G] = degenerate[rows_c]
+        value = np.zeros((rows_c.size, n_unk))
+        value[:, :G] = scale[rows_c]
+        theta = np.empty_like(y)
+        for k0 in range(0, rows_c.size, solve_chunk):  # solve_rows copies its systems ~4 times
+            k = slice(k0, k0 + solve_chunk)
+            theta[k] = solve_rows(P[k], y[k], fixed[k], value[k])
+        new_s[part] = theta[:, :G]
+        new_z[part] = -theta[:, :G] * (1 << (bits - 1)) if symmetric else theta[:, G:]
+        if c is not None:
+            losses[part] = quadratic_losses(P, y, theta, c[sel])
+    return new_s, new_z, losses
 
 
 def quadratic_losses(P: np.ndarray, y: np.ndarray, theta: np.ndarray, c: np.ndarray) -> np.ndarray:

@@ -31,10 +31,9 @@ from decoupleq_ref.init import minmax_range, minmax_scale_zero, shrink_factors  
 
 from ._blas import matmul
 from ._compat import njit, prange, require
-from ._products import in_solve, remember_losses, wh, wh_row_dots
 from .objective import residual_rows, row_chunk
 
-__all__ = ["init_scale_zero", "minmax_range", "minmax_scale_zero", "quantize_rtn", "shrink_factors"]
+__all__ = ["grid_search", "init_scale_zero", "minmax_range", "minmax_scale_zero", "quantize_rtn", "shrink_factors"]
 
 PANEL = 128  # columns of H per panel (128·in·8 bytes = 4 MiB per thread for in = 4096): longer
 # rank-1 updates than 64 (2.4 vs 2.7 s for a 1024×4096 g64 init, 0.20 vs 0.22 s for 576×1536, one
@@ -98,11 +97,10 @@ def _flag_codes(w, z, inv, maxq, prev, flag):
 
 
 @njit
-def _grid_block(W, R1, g1, t, H, xmin, xmax, s1, q1, ps, maxq, half, symmetric, r0, r1, panel, kbest, best):
-    """Rows r0..r1 of the grid search (one task; see the module docstring).
-
-    Phase A records the code changes (column, s₁·Δq) per (row, step) with D·g₁ and D·t kept
-    cumulatively; phase B accumulates D_p H D_pᵀ panel by panel; then each row picks its p."""
+def _record_changes(W, g1, t, xmin, xmax, s1, q1, ps, maxq, half, symmetric, r0, r1):
+    """Phase A of the grid search for rows r0..r1: the code changes between neighbouring shrink
+    factors as events (column ej, value ev = s₁·Δq), row ii's step-k events at off[ii, k]..off[ii,
+    k+1], and D_p·g₁, D_p·t kept cumulatively (cumg, cumt)."""
     n = W.shape[1]
     G = xmin.shape[1]
     gs = n // G
@@ -163,7 +161,15 @@ def _grid_block(W, R1, g1, t, H, xmin, xmax, s1, q1, ps, maxq, half, symmetric, 
             off[ii, k + 1] = ne
             cumg[ii, k] = dg
             cumt[ii, k] = dt
-    # phase B: Δ(D H Dᵀ) = d·(u_old + u_new) at the changed columns, u = D H kept per panel
+    return ej, ev, off, cumg, cumt
+
+
+@njit
+def _quadratic_increments(H, ej, ev, off, K, panel):
+    """Phase B: da[ii, k] = Δ(D H Dᵀ) from step k − 1 to k, as d·(u_old + u_new) at the changed
+    columns, with u = D H kept per panel of H's columns (copied once into a local buffer)."""
+    m = off.shape[0]
+    n = H.shape[0]
     da = np.zeros((m, K))
     Hp = np.empty((n, panel))
     up = np.empty(panel)
@@ -195,8 +201,16 @@ def _grid_block(W, R1, g1, t, H, xmin, xmax, s1, q1, ps, maxq, half, symmetric, 
                     if jj >= 0 and jj < w:
                         acc += ev[e] * up[jj]
                 da[ii, k] += acc
-    # losses and the choice (strict <: ties keep the larger p, as the reference)
-    for ii in range(m):
+    return da
+
+
+@njit
+def _pick_factor(W, R1, g1, t, ps, cumg, cumt, da, r0, kbest, best):
+    """Phase C: every row's ℓ(p) from the expansion (module docstring) and its best p (strict <:
+    ties keep the larger p, as the reference)."""
+    n = W.shape[1]
+    K = ps.shape[0]
+    for ii in range(da.shape[0]):
         i = r0 + ii
         l1 = 0.0
         e1r = 0.0
@@ -219,6 +233,15 @@ def _grid_block(W, R1, g1, t, H, xmin, xmax, s1, q1, ps, maxq, half, symmetric, 
                 kb = k
         best[i] = b
         kbest[i] = kb
+
+
+@njit
+def _grid_block(W, R1, g1, t, H, xmin, xmax, s1, q1, ps, maxq, half, symmetric, r0, r1, panel, kbest, best):
+    """Rows r0..r1 of the grid search (one task; see the module docstring): record the code
+    changes, accumulate D_p H D_pᵀ, then each row picks its p."""
+    ej, ev, off, cumg, cumt = _record_changes(W, g1, t, xmin, xmax, s1, q1, ps, maxq, half, symmetric, r0, r1)
+    da = _quadratic_increments(H, ej, ev, off, ps.shape[0], panel)
+    _pick_factor(W, R1, g1, t, ps, cumg, cumt, da, r0, kbest, best)
 
 
 @njit(parallel=True)
@@ -244,12 +267,18 @@ def init_scale_zero(W: np.ndarray, H: np.ndarray, bits: int, group_size: int, sy
     """Shrink grid search (mirrors decoupleq_ref.init_scale_zero): the same p per row, hence
     bitwise the same (s, z); the returned losses agree to rounding (see the module docstring)."""
     require()
+    return grid_search(W, H, matmul(W, H), bits, group_size, symmetric, grid, max_shrink)
+
+
+def grid_search(W: np.ndarray, H: np.ndarray, t: np.ndarray, bits: int, group_size: int, symmetric: bool, grid: int,
+                max_shrink: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """init_scale_zero with t = W·H given (the solver computes it once per layer): (scale, zero,
+    ℓ of RTN on that grid per row, from the incremental formula)."""
     xmin, xmax = minmax_range(W, group_size, symmetric)
     s1, z1 = minmax_scale_zero(xmin, xmax, bits, symmetric)
     ps = shrink_factors(grid, max_shrink)
     maxq = (1 << bits) - 1
     q1 = _rtn_codes(W, s1, z1, maxq)
-    t = wh(W, H)
     out, n = W.shape
     kbest = np.empty(out, np.int64)
     loss = np.empty(out)
@@ -262,6 +291,4 @@ def init_scale_zero(W: np.ndarray, H: np.ndarray, bits: int, group_size: int, sy
                                            maxq, float(1 << (bits - 1)), bool(symmetric), _row_block(r1 - r0), PANEL)
     p = ps[kbest][:, None]
     scale, zero = minmax_scale_zero(p * xmin, p * xmax, bits, symmetric)
-    if in_solve():  # the solver's first proposal is exactly RTN on this grid: its loss is known
-        remember_losses(W, H, _rtn_codes(W, scale, zero, maxq), scale, zero, loss, np.abs(wh_row_dots(W, H)))
     return scale, zero, loss

@@ -18,11 +18,10 @@ from decoupleq_ref.layer_input import certify_factor, not_psd, psd_shifts
 
 from ._blas import all_blas_threads, matmul
 from ._compat import get_num_threads, njit, prange, require
-from ._products import recall_shift, remember_losses, remember_shift
 from .init import _clip_code, _den
-from .objective import residual_norms
 
-__all__ = ["act_order_perm", "gptq_factor", "gptq_round", "integer_step", "inverse_cholesky_upper", "relax_box"]
+__all__ = ["act_order_perm", "gptq_codes", "gptq_factor", "gptq_losses", "gptq_round", "integer_step",
+           "inverse_cholesky_upper", "lean_factor", "relax_box"]
 
 
 @njit(parallel=True)
@@ -45,6 +44,11 @@ def inverse_cholesky_upper(H: np.ndarray, damp: float, perm: np.ndarray | None =
     triangular, so U = J L̃⁻¹ J: LAPACK potrf + trtri (n³/3 each) on the reversed matrix instead of
     potrf → potri → potrf (4n³/3). The reference holds 4 more (in, in) arrays (512 MiB at
     in = 4096). Agrees with it to rounding."""
+    return _inverse_cholesky(H, damp, perm)[0]
+
+
+def _inverse_cholesky(H: np.ndarray, damp: float, perm: np.ndarray | None) -> tuple[np.ndarray, float]:
+    """(U, λ): inverse_cholesky_upper's factor and the shift λ of H_pp + λI it succeeded with."""
     n = H.shape[0]
     perm = np.arange(n) if perm is None else perm
     mean_diag = float(np.mean(np.diag(H)[perm])) or 1.0
@@ -60,16 +64,23 @@ def inverse_cholesky_upper(H: np.ndarray, damp: float, perm: np.ndarray | None =
             # A's upper triangle holds (L̃⁻¹)ᵀ; U[i, j] = L̃⁻¹[n−1−i, n−1−j] = A[n−1−j, n−1−i].
             _antitranspose_upper(A)
             certify_factor(A.__matmul__, A.T.__matmul__, n, factor * mean_diag)
-            remember_shift(A, factor * mean_diag)
-            return A
+            return A, factor * mean_diag
         del A, F
     raise not_psd(f"GPTQ's Cholesky of the damped H + {factor * mean_diag:.3g}·I failed")
 
 
 def gptq_factor(H: np.ndarray, act_order: bool, damp: float) -> tuple[np.ndarray, np.ndarray]:
     """(perm, U) for GPTQ (mirrors decoupleq_ref.gptq_factor) with the lean factorisation."""
+    perm, U, _ = lean_factor(H, act_order, damp)
+    return perm, U
+
+
+def lean_factor(H: np.ndarray, act_order: bool, damp: float) -> tuple[np.ndarray, np.ndarray, float]:
+    """(perm, U, λ): gptq_factor and the λ that U = chol((H_pp + λI)⁻¹) was built with
+    (gptq_losses needs it to take GPTQ's added damping back out)."""
     perm = act_order_perm(H, act_order)
-    return perm, inverse_cholesky_upper(H, damp, perm)
+    U, shift = _inverse_cholesky(H, damp, perm)
+    return perm, U, shift
 
 
 @njit(parallel=True)
@@ -150,29 +161,31 @@ def gptq_round(W: np.ndarray, scale: np.ndarray, zero: np.ndarray, H: np.ndarray
     """GPTQ sequential rounding with lazy block updates (mirrors decoupleq_ref.gptq_round, but
     takes the per-group (out, G) scale and zero); returns uint8 codes (out, in)."""
     require()
-    maxq = (1 << bits) - 1
     perm, U = factor if factor is not None else gptq_factor(H, act_order, damp)
+    return gptq_codes(W, scale, zero, bits, perm, U, block_size)[0]
+
+
+def gptq_codes(W: np.ndarray, scale: np.ndarray, zero: np.ndarray, bits: int, perm: np.ndarray, U: np.ndarray,
+               block_size: int, errors: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
+    """gptq_round with the factor given: (uint8 codes, and with ``errors`` ‖e_i‖² per row, the
+    sum of squared scaled rounding errors gptq_losses turns into the loss)."""
+    maxq = (1 << bits) - 1
     n = W.shape[1]
     gidx = (perm // (n // scale.shape[1])).astype(np.int64)
     Wp = _permute_cols(W, perm)
     Q = np.empty(W.shape, np.uint8)
     scale = np.ascontiguousarray(scale, dtype=np.float64)
     zero = np.ascontiguousarray(zero, dtype=np.float64)
-    shift = recall_shift(U)
-    err_sq = np.zeros(W.shape[0])
+    err_sq = np.zeros(W.shape[0]) if errors else None
     for i1 in range(0, n, block_size):
         i2 = min(i1 + block_size, n)
         Err = np.empty((W.shape[0], i2 - i1))
         _gptq_block(Wp, Q, Err, scale, zero, gidx, U, i1, i2, maxq, _parts(W.shape[0]))
-        if shift is not None:
+        if errors:
             err_sq += np.einsum("ij,ij->i", Err, Err)
         if i2 < n:
             _trailing_update(Wp, Err, np.ascontiguousarray(U[i1:i2, i2:]), i2, _parts(W.shape[0]))
-    q = _unpermute_cols(Q, perm)
-    if shift is not None and H is not None:
-        res_sq = residual_norms(W, q, scale, zero)
-        remember_losses(W, H, q, scale, zero, gptq_losses(err_sq, shift, res_sq), err_sq)
-    return q
+    return _unpermute_cols(Q, perm), err_sq
 
 
 def gptq_losses(err_sq: np.ndarray, shift: float, res_sq: np.ndarray) -> np.ndarray:

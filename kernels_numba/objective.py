@@ -1,9 +1,9 @@
 """The layer objective (mirrors decoupleq_ref/objective.py) without (out, in) float64 Ŵ copies.
 
-``proposal_losses`` forms the residual R = s·q + z − W one row chunk at a time in a compiled
+``exact_losses`` forms the residual R = s·q + z − W one row chunk at a time in a compiled
 kernel (same operations as the reference's dequantize_parts, so R is bitwise the reference's)
-and takes ℓ_i = Σ_j (R H)_ij R_ij with the same BLAS product and einsum as the reference —
-unless the step that made the proposal already knows its loss (see ``_products``).
+and takes ℓ_i = Σ_j (R H)_ij R_ij with the same BLAS product and einsum as the reference;
+``losses_of_rows`` does the same for a subset of the rows.
 """
 
 from __future__ import annotations
@@ -15,9 +15,8 @@ from decoupleq_ref.objective import damp_hessian, layer_loss, row_losses  # not 
 
 from ._blas import matmul
 from ._compat import njit, prange
-from ._products import recall_losses
 
-__all__ = ["damp_hessian", "exact_losses", "layer_loss", "row_losses", "proposal_losses", "residual_norms",
+__all__ = ["damp_hessian", "exact_losses", "layer_loss", "losses_of_rows", "row_losses", "residual_norms",
            "residual_rows", "row_chunk"]
 
 ROW_CHUNK_BYTES = 16 << 20  # (chunk, in) float64 temporaries stay around 16 MiB
@@ -66,23 +65,9 @@ def residual_norms(W: np.ndarray, q: np.ndarray, scale: np.ndarray, zero: np.nda
     return _residual_sq(q, np.ascontiguousarray(scale, dtype=np.float64), np.ascontiguousarray(zero, dtype=np.float64), W)
 
 
-def proposal_losses(W: np.ndarray, q: np.ndarray, scale: np.ndarray, zero: np.ndarray, H: np.ndarray) -> np.ndarray:
-    """ℓ_i = (s·q_i + z − W_i) H (…)ᵀ for every row (mirrors decoupleq_ref.solver.proposal_losses).
-
-    Inside a solve, a proposal the float step or GPTQ just produced takes the loss that step
-    already computed (``_products.recall_losses``: same value up to rounding, no product)."""
-    known = recall_losses(W, H, q, scale, zero)
-    if known is not None:
-        losses, redo = known
-        if redo.size:  # rows whose formula value is mostly rounding: the exact product
-            R = dequantize_parts(q[redo], scale[redo], zero[redo]) - W[redo]
-            losses[redo] = np.einsum("ij,ij->i", matmul(R, H), R)
-        return losses
-    return exact_losses(W, q, scale, zero, H)
-
-
 def exact_losses(W: np.ndarray, q: np.ndarray, scale: np.ndarray, zero: np.ndarray, H: np.ndarray) -> np.ndarray:
-    """ℓ_i by the residual product, never from a step's formula (the loss a solve reports)."""
+    """ℓ_i = (s·q_i + z − W_i) H (…)ᵀ for every row by the residual product (mirrors
+    decoupleq_ref.layer_ops.proposal_losses), never from a step's formula."""
     out, n = W.shape
     res = np.empty(out)
     step = row_chunk(n)
@@ -90,4 +75,16 @@ def exact_losses(W: np.ndarray, q: np.ndarray, scale: np.ndarray, zero: np.ndarr
         r1 = min(out, r0 + step)
         R = residual_rows(q, scale, zero, W, r0, r1)
         res[r0:r1] = np.einsum("ij,ij->i", matmul(R, H), R)
+    return res
+
+
+def losses_of_rows(W: np.ndarray, q: np.ndarray, scale: np.ndarray, zero: np.ndarray, H: np.ndarray,
+                   rows: np.ndarray) -> np.ndarray:
+    """ℓ_i by the residual product for the rows ``rows`` only (index array), in that order."""
+    res = np.empty(rows.size)
+    step = row_chunk(W.shape[1])
+    for r0 in range(0, rows.size, step):
+        r = rows[r0:r0 + step]
+        R = dequantize_parts(q[r], scale[r], zero[r]) - W[r]
+        res[r0:r0 + step] = np.einsum("ij,ij->i", matmul(R, H), R)
     return res

@@ -11,15 +11,13 @@ from __future__ import annotations
 
 import numpy as np
 
-from decoupleq_ref.refine import box_lower_bound  # not hot: reused as is
 from decoupleq_ref.refine import profiled_loss_scalar
 
 from ._blas import matmul
 from ._compat import njit, prange, require
-from ._products import wh
 from .objective import residual_rows, row_chunk
 
-__all__ = ["box_lower_bound", "refine_integers", "refine_profiled"]
+__all__ = ["descend_fixed", "descend_profiled", "refine_integers", "refine_profiled"]
 
 
 @njit(parallel=True)
@@ -58,6 +56,13 @@ def refine_integers(q: np.ndarray, W: np.ndarray, scale: np.ndarray, zero: np.nd
                     sweeps: int, rel_tol: float = 1e-12) -> tuple[np.ndarray, int]:
     """Coordinate descent on q with (s, z) fixed (mirrors decoupleq_ref.refine_integers)."""
     require()
+    q, moves = descend_fixed(q, W, scale, zero, H, bits, sweeps, rel_tol)
+    return q, int(moves.sum())
+
+
+def descend_fixed(q: np.ndarray, W: np.ndarray, scale: np.ndarray, zero: np.ndarray, H: np.ndarray, bits: int,
+                  sweeps: int, rel_tol: float = 1e-12) -> tuple[np.ndarray, np.ndarray]:
+    """refine_integers with the moves per row: (uint8 codes, int64 (out,) moves made)."""
     out, n = W.shape
     codes = q.astype(np.float64)  # float codes so ±1 steps never wrap
     moves = np.zeros(out, np.int64)
@@ -67,7 +72,7 @@ def refine_integers(q: np.ndarray, W: np.ndarray, scale: np.ndarray, zero: np.nd
         R = residual_rows(codes, scale, zero, W, r0, r1)
         g = matmul(R, H)
         _descend_fixed(codes, g, np.einsum("ij,ij->i", g, R), scale, H, (1 << bits) - 1, sweeps, rel_tol, r0, moves)
-    return codes.astype(np.uint8), int(moves.sum())
+    return codes.astype(np.uint8), moves
 
 
 _profile = njit(inline="always")(profiled_loss_scalar)  # the reference's scalar source, compiled
@@ -112,12 +117,18 @@ def refine_profiled(q: np.ndarray, W: np.ndarray, H: np.ndarray, bits: int, symm
                     rel_tol: float = 1e-12) -> tuple[np.ndarray, int]:
     """Per-channel descent on min_{s,z} ℓ (mirrors decoupleq_ref.refine_profiled)."""
     require()
+    q, moves = descend_profiled(q, W, H, matmul(W, H), bits, symmetric, sweeps, rel_tol)
+    return q, int(moves.sum())
+
+
+def descend_profiled(q: np.ndarray, W: np.ndarray, H: np.ndarray, t: np.ndarray, bits: int, symmetric: bool,
+                     sweeps: int, rel_tol: float = 1e-12) -> tuple[np.ndarray, np.ndarray]:
+    """refine_profiled with t = W·H given and the moves per row: (uint8 codes, int64 (out,) moves)."""
     out, n = W.shape
     codes = q.astype(np.float64)
     shift = float(1 << (bits - 1)) if symmetric else 0.0
     h1 = H.sum(axis=1)
     oHo = h1.sum()
-    t = wh(W, H)
     moves = np.zeros(out, np.int64)
     step = row_chunk(n)
     for r0 in range(0, out, step):
@@ -129,4 +140,4 @@ def refine_profiled(q: np.ndarray, W: np.ndarray, H: np.ndarray, bits: int, symm
                           Hw.sum(axis=1), np.einsum("ij,ij->i", Hw, W[r0:r1])], axis=1)
         _descend_profiled(codes, u, stats, Hw, h1, H, oHo, (1 << bits) - 1, bool(symmetric), sweeps, rel_tol, r0,
                           moves)
-    return codes.astype(np.uint8), int(moves.sum())
+    return codes.astype(np.uint8), moves

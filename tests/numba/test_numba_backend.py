@@ -19,6 +19,9 @@ from hypothesis import strategies as st
 
 import decoupleq_ref as dq
 import kernels_numba as kn
+from kernels_numba import float_step as kn_float, init as kn_init, integer_step as kn_int, refine as kn_refine
+from kernels_numba.objective import exact_losses
+from kernels_numba.solver import RELIABLE
 from decoupleq_ref.integer_step import gptq_factor
 from decoupleq_ref.objective import damp_hessian
 from validate.compare import assert_agree
@@ -101,7 +104,7 @@ def test_init_picks_the_reference_grid(kind, gs, symmetric, bits):
     W, H = structured_layer(kind, seed=3)
     Hd = damp_hessian(H, 0.01)
     s0, z0, l0 = dq.init_scale_zero(W, Hd, bits, gs, symmetric, 200, 0.8)
-    s1, z1, l1 = kn.OPS.init_scale_zero(W, Hd, bits, gs, symmetric, 200, 0.8)
+    s1, z1, l1 = kn_init.init_scale_zero(W, Hd, bits, gs, symmetric, 200, 0.8)
     assert np.mean(np.all(s0 == s1, axis=1)) >= 0.97  # a row may differ only on a float tie
     np.testing.assert_allclose(l1, l0, rtol=1e-9, atol=1e-14 * l0.max())
 
@@ -111,7 +114,7 @@ def test_init_incremental_loss_matches_direct_on_large_values():
     W, H = structured_layer("random", seed=4)
     W *= 15000.0
     s0, _, l0 = dq.init_scale_zero(W, H, 2, -1, False, 200, 0.8)
-    s1, _, l1 = kn.OPS.init_scale_zero(W, H, 2, -1, False, 200, 0.8)
+    s1, _, l1 = kn_init.init_scale_zero(W, H, 2, -1, False, 200, 0.8)
     np.testing.assert_array_equal(s0, s1)
     np.testing.assert_allclose(l1, l0, rtol=1e-9)
 
@@ -124,10 +127,10 @@ def test_gptq_round_is_bitwise_the_reference(gs, act_order, block):
     factor = gptq_factor(H, act_order, 0.01)
     ref = dq.gptq_round(W, np.repeat(s, n // s.shape[1], 1), np.repeat(z, n // z.shape[1], 1), H, 2,
                         act_order, block, 0.01, factor)
-    got = kn.OPS.integer_step(W, s, z, H, 2, act_order, block, 0.01, 0, 1e-3, factor)
+    got = kn_int.integer_step(W, s, z, H, 2, act_order, block, 0.01, 0, 1e-3, factor)
     assert got.dtype == np.uint8
     np.testing.assert_array_equal(got, ref)
-    own = kn.OPS.integer_step(W, s, z, H, 2, act_order, block, 0.01, 0, 1e-3)  # its own factor
+    own = kn_int.integer_step(W, s, z, H, 2, act_order, block, 0.01, 0, 1e-3)  # its own factor
     assert np.mean(own == ref) >= 0.999
 
 
@@ -137,7 +140,7 @@ def test_lean_gptq_factor_matches_the_reference(damp):
     the damping ladder on a singular H."""
     for H in (structured_layer("rank_deficient", seed=9)[1], np.zeros((16, 16))):
         p0, U0 = gptq_factor(H, True, damp)
-        p1, U1 = kn.OPS.gptq_factor(H, True, damp)
+        p1, U1 = kn_int.gptq_factor(H, True, damp)
         np.testing.assert_array_equal(p1, p0)
         np.testing.assert_allclose(U1, U0, rtol=0, atol=1e-12 * np.abs(U0).max())
 
@@ -149,7 +152,7 @@ def test_float_step_matches_the_reference(gs, symmetric):
     q = dq.quantize_rtn(W, s, z, 2)
     q[3, :] = 1.0  # a constant row: degenerate groups keep their scale
     s0, z0 = dq.closed_form_scale_zero(q, W, H, 2, gs, symmetric, s)
-    s1, z1 = kn.OPS.closed_form_scale_zero(q.astype(np.uint8), W, H, 2, gs, symmetric, s)
+    s1, z1 = kn_float.closed_form_scale_zero(q.astype(np.uint8), W, H, 2, gs, symmetric, s)
     np.testing.assert_allclose(s1, s0, rtol=1e-9, atol=1e-12)
     np.testing.assert_allclose(z1, z0, rtol=1e-9, atol=1e-12)
 
@@ -161,12 +164,12 @@ def test_refinements_make_the_reference_moves(symmetric):
     W, H = structured_layer("random", seed=7)
     res = dq.quantize_layer(W, H, dq.QuantConfig(group_size=32, symmetric=symmetric, iters=1))
     q0, m0 = refine_integers(res.q, W, res.scale, res.zero, H, 2, 3)
-    q1, m1 = kn.OPS.refine_integers(res.q, W, res.scale, res.zero, H, 2, 3)
+    q1, m1 = kn_refine.refine_integers(res.q, W, res.scale, res.zero, H, 2, 3)
     assert m0 == m1 > 0
     np.testing.assert_array_equal(q1, q0)
     res = dq.quantize_layer(W, H, dq.QuantConfig(symmetric=symmetric, iters=1))
     q0, m0 = refine_profiled(res.q, W, H, 2, symmetric, 3)
-    q1, m1 = kn.OPS.refine_profiled(res.q, W, H, 2, symmetric, 3)
+    q1, m1 = kn_refine.refine_profiled(res.q, W, H, 2, symmetric, 3)
     assert m0 == m1 > 0
     np.testing.assert_array_equal(q1, q0)
 
@@ -269,20 +272,49 @@ def test_imports_without_numba_and_says_unavailable():
 
 @pytest.mark.parametrize("group_size,symmetric", [(-1, False), (32, False), (16, True)])
 def test_step_loss_formulas_equal_the_residual_product(group_size, symmetric):
-    """The losses the init, float step and GPTQ hand to proposal_losses (normal equations;
-    ‖e‖² − λ'‖r‖²; the grid score) equal r H rᵀ by the product, on a layer with outlier columns."""
-    from kernels_numba._products import recall_losses, shared_products
-
+    """The losses the init, float step and GPTQ hand to the loop with their proposals (the grid
+    score; the normal equations; ‖e‖² − λ'‖r‖²) equal r H rᵀ by the product, on a layer with
+    outlier columns, every row from its formula (none below the RELIABLE threshold)."""
     W, H = structured_layer("outlier_cols", out=48, n_in=96, seed=3)
     Hd = damp_hessian(H, 0.01)
-    ops = kn.OPS
-    with shared_products():
-        s, z, _ = ops.init_scale_zero(W, Hd, 2, group_size, symmetric, 200, 0.8)
-        q0 = ops.quantize_rtn(W, s, z, 2)
-        q = ops.integer_step(W, s, z, Hd, 2, True, 32, 0.01, 0, 1e-3, ops.gptq_factor(Hd, True, 0.01))
-        s2, z2 = ops.closed_form_scale_zero(q, W, Hd, 2, group_size, symmetric, s)
-        for args in ((q0, s, z), (q, s, z), (q, s2, z2)):
-            known = recall_losses(W, Hd, *args)
-            assert known is not None and known[1].size == 0  # every row from its formula
-            np.testing.assert_allclose(known[0], ops.exact_losses(W, *args, Hd), rtol=1e-10)
-        assert recall_losses(W, Hd, q, s2 * 1.5, z2) is None  # other (s, z): no stale value
+    ops = kn.NumbaOps(W, Hd, dq.QuantConfig(group_size=group_size, symmetric=symmetric, block_size=32))
+    s, z, init_losses = ops.init()
+    assert (init_losses > RELIABLE * np.abs(ops.c)).all()
+    run = ops.start(s, z, init_losses)
+    assert run.q.dtype == np.uint8  # the compiled backend keeps codes as uint8 (8× less memory than float64)
+    np.testing.assert_allclose(run.obj, exact_losses(W, run.q, s, z, Hd), rtol=1e-10)
+    for p in (ops.float_step(run), ops.integer_step(run)):
+        assert p.moved is not None and p.losses is not None
+        np.testing.assert_allclose(p.losses, exact_losses(W, p.q, p.scale, p.zero, Hd), rtol=1e-10)
+
+
+def test_float_step_solves_only_the_stale_rows_and_each_row_alone():
+    """The float step solves the rows the incumbent's stale mask names (to rounding as among all
+    rows: BLAS may round a product differently for fewer rows) and proposes the incumbent's own
+    (s, z, ℓ) elsewhere."""
+    W, H = structured_layer("outlier_cols", out=48, n_in=96, seed=3)
+    Hd = damp_hessian(H, 0.01)
+    ops = kn.NumbaOps(W, Hd, dq.QuantConfig(group_size=32))
+    run = ops.start(*ops.init())
+    every = ops.float_step(run)
+    for rows in ([5], [1, 5, 40]):
+        run.stale[:] = False
+        run.stale[rows] = True
+        some = ops.float_step(run)
+        others = np.setdiff1d(np.arange(48), rows)
+        np.testing.assert_allclose(some.scale[rows], every.scale[rows], rtol=1e-12)
+        np.testing.assert_allclose(some.losses[rows], every.losses[rows], rtol=1e-12)
+        np.testing.assert_array_equal(some.scale[others], run.scale[others])
+        np.testing.assert_array_equal(some.losses[others], run.obj[others])
+
+
+def test_result_says_why_the_solve_stopped():
+    W, H = structured_layer("random", seed=8)
+    res = kn.quantize_layer(W, H, dq.QuantConfig(group_size=32, iters=2, min_improvement=0.0))
+    assert res.status == 0 and "used all 2 rounds" in res.message
+    res = kn.quantize_layer(W, H, dq.QuantConfig(group_size=32, iters=50))
+    assert res.status == 1 and "fewer than min_improvement" in res.message
+    res = kn.quantize_layer(W, H, dq.QuantConfig.improved(group_size=32, n_starts=1))
+    assert res.status == 2 and "polish converged" in res.message
+    ref = dq.quantize_layer(W, H, dq.QuantConfig.improved(group_size=32, n_starts=1))
+    assert (ref.status, ref.message) == (res.status, res.message)

@@ -46,6 +46,23 @@ def test_history_never_increases_and_ends_at_objective(layer, cfg):
     assert np.isclose(hist[-1], res.objective, rtol=1e-9, atol=1e-12)
     Hd = damp_hessian(H, cfg.damp)
     assert np.isclose(res.objective, dq.layer_loss(W, dq.dequantize(res), Hd), rtol=1e-9, atol=1e-12)
+    # status says why the alternation stopped, and the history shows it
+    assert res.message.startswith("decoupleq: ")
+    if cfg.refine_sweeps == 0 and cfg.n_starts == 1:
+        steps = [s for s in res.history_steps if s != "gptq[init]"]
+        assert res.status in (0, 1)
+        if res.status == 0:
+            assert cfg.iters == 0 or steps[-1] == f"float[{cfg.iters - 1}]"
+        else:  # the last half-step improved too few rows
+            assert res.improved_rows[len(steps) - 1] < cfg.min_improvement * W.shape[0]
+
+
+def test_config_from_a_checkpoint_that_records_retired_fields():
+    """Older checkpoints recorded QuantConfig.seed (never used); they still load."""
+    cfg = dq.QuantConfig(bits=3, group_size=16)
+    assert dq.QuantConfig.from_dict({**cfg.to_dict(), "seed": 0}) == cfg
+    with pytest.raises(ValueError, match="unknown field"):
+        dq.QuantConfig.from_dict({**cfg.to_dict(), "sed": 0})
 
 
 @FAST
