@@ -163,6 +163,6 @@ _FIELD_KINDS: dict[str, str] = {
     "bits": "int", "group_size": "int", "method": "str", "iters": "int", "symmetric": "bool",
     "damp": "real", "grid": "int", "max_shrink": "real", "act_order": "bool", "relax_iters": "int",
     "relax_lr": "real", "refine_sweeps": "int", "refine_rounds": "int", "n_starts": "int",
-    "lower_bound": "bool", "block_size": "int", "min_improvement": "real", "seed": "int",
+    "lower_bound": "bool", "block_size": "int", "min_improvement": "real",
     "hp_channels": "int", "hp_select": "str",
 }

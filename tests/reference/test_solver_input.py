@@ -200,7 +200,7 @@ def test_huge_h_entries_do_not_overflow_the_symmetrisation():
     ("bits", True), ("bits", 2.0), ("bits", "2"), ("group_size", True), ("group_size", 64.0),
     ("symmetric", "no"), ("symmetric", 1), ("act_order", "False"), ("lower_bound", "yes"),
     ("iters", False), ("damp", "0.01"), ("damp", True), ("damp", float("nan")), ("relax_lr", float("inf")),
-    ("n_starts", 1.5), ("hp_channels", np.float64(2)), ("method", 3), ("hp_select", None), ("seed", "0"),
+    ("n_starts", 1.5), ("hp_channels", np.float64(2)), ("method", 3), ("hp_select", None),
 ])
 def test_config_types_are_checked(field, value):
     with pytest.raises(ValueError, match=rf"^QuantConfig\.{field}: must be"):
@@ -300,3 +300,11 @@ def test_gpu_backend_cases_pass_in_the_simulator():
     tail = proc.stdout[-4000:] + proc.stderr[-2000:]
     assert proc.returncode == 0, tail
     assert " passed" in proc.stdout and "skipped" not in proc.stdout, tail
+
+
+def test_every_config_field_has_a_checked_type():
+    """_FIELD_KINDS names exactly QuantConfig's fields: a new field is type-checked, a removed one
+    is not looked up (a stale entry made every QuantConfig() raise AttributeError)."""
+    from decoupleq_ref.config import _FIELD_KINDS
+
+    assert set(_FIELD_KINDS) == {f.name for f in dataclasses.fields(dq.QuantConfig)}
