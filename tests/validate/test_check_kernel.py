@@ -425,7 +425,7 @@ def test_cli_shape_group_size_and_checkpoint_layer(tmp_path):
     from typer.testing import CliRunner
 
     from decoupleq_ref.cli import app
-    from tests.test_validate_checkpoint import project_checkpoint
+    from support import project_checkpoint
 
     runner = CliRunner()
     r = runner.invoke(app, ["check-kernel", "--matmul", f"{__file__}:scale_row_tile64_kernel", "--dtypes", "float32",

@@ -14,6 +14,8 @@ from decoupleq_ref.cli import app
 from validate.adapters import from_native
 from validate.checkpoint import validate_checkpoint
 
+from support import project_checkpoint  # noqa: E402
+
 torch = pytest.importorskip("torch")
 
 LAYERS = {"model.layers.0.self_attn.q_proj.weight": (16, 32), "model.layers.0.mlp.down_proj.weight": (24, 16),
@@ -117,22 +119,6 @@ def test_signed_range_checked_when_bits_given(tmp_path):
 
 
 # ----------------------------------------------------------------------------- this project's checkpoint
-
-
-def project_checkpoint(folder, hp=0):
-    from decoupleq_ref.model.checkpoint import CheckpointWriter, stored_layer
-
-    cfg = dq.QuantConfig(bits=2, group_size=8, grid=20, iters=1, hp_channels=hp)
-    header = {"command": "test", "bits": 2, "group_size": 8, "solver": cfg.to_dict()}
-    writer = CheckpointWriter(folder, header)
-    infos = {}
-    for i, name in enumerate(["blocks.0.attn", "blocks.0.mlp"]):
-        W, H = dq.synthetic_layer(8, 40, seed=i)  # 40 columns: 10 bytes of codes + 2 padding per row
-        tensors, info = stored_layer(name, dq.quantize_layer(W, H, cfg), W, H, transposed=False)
-        writer.commit(name, tensors, info)
-        infos[name] = writer.load(name)[1]
-    writer.finalize(list(infos), {"norm.weight": np.ones(40, np.float32)}, infos)
-    return folder
 
 
 def _rewrite(folder, edit):
