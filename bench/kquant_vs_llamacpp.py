@@ -3,10 +3,11 @@
 For every layer and every type in --types (Q2_K, Q4_K, Q5_K) measures the loss Σ_i (Ŵ_i − W_i)
 H (Ŵ_i − W_i)ᵀ on the undamped H of
 
-    llama.cpp   validate.kquant_baseline.llamacpp_kquant: its weighted min-max search per
+    llama.cpp   decoupleq_ref.kquant_start.llamacpp_kquant: its weighted min-max search per
                 sub-block, importance diag(H) as --imatrix feeds it (written from its description)
     projected   decoupleQ's free solve (bits, group = the type's sub-block) rounded onto the grid
-    decoupleQ-K decoupleq_ref.kquant.solve_kquant from there: the constrained alternation
+    decoupleQ-K decoupleq_ref.kquant.solve_kquant from kquant_start (per row the better of the
+                projection and llama.cpp's result): the constrained alternation
 
 and reports decoupleQ-K / llama.cpp (below 1: decoupleQ is better) and the seconds each took.
 
@@ -41,7 +42,7 @@ sys.path.insert(0, str(REPO))
 import decoupleq_ref as dq  # noqa: E402
 from decoupleq_ref.kquant import KSPECS, project_to_kgrid, solve_kquant  # noqa: E402
 from decoupleq_ref.objective import layer_loss  # noqa: E402
-from validate.kquant_baseline import llamacpp_kquant  # noqa: E402
+from decoupleq_ref.kquant_start import kquant_start, llamacpp_kquant  # noqa: E402
 
 
 def layers(args: argparse.Namespace):
@@ -64,7 +65,7 @@ def compare(W: np.ndarray, H: np.ndarray, name: str, iters: int) -> dict:
     t1 = time.perf_counter()
     free = dq.quantize_layer(W, H, dq.QuantConfig(bits=spec.bits, group_size=spec.sub, iters=iters))
     start = project_to_kgrid(free.q, free.scale, free.zero, spec)
-    solved = solve_kquant(W, H, start)
+    solved = solve_kquant(W, H, kquant_start(W, H, start))
     t2 = time.perf_counter()
     losses = {"llama.cpp": layer_loss(W, base.dequantize(), H), "free": free.loss,
               "projected": layer_loss(W, start.dequantize(), H), "decoupleQ-K": layer_loss(W, solved.dequantize(), H)}

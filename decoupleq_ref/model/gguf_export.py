@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from ..kquant import KSPECS, SUPER, project_to_kgrid, solve_kquant
+from ..kquant_start import kquant_start
 from ..matmul import PackedLayer
 from ..objective import layer_loss
 from .atomic import atomic_write
@@ -141,11 +142,13 @@ def chosen_type(bits: int, group_size: int, ggml_type: str | None) -> tuple[str,
 def kquant_tensor(layer: PackedLayer, ggml_type: str, W: np.ndarray, H: np.ndarray, solver: dict
                   ) -> tuple[np.ndarray, dict[str, float], np.ndarray]:
     """(bytes, H-losses, ggml's Ŵ) of one linear on the ``ggml_type`` grid: the checkpoint's codes and
-    (s, z) projected onto it, then the constrained solve (decoupleq_ref.kquant) on H."""
-    start = project_to_kgrid(layer.codes(), layer.scale, layer.zero, KSPECS[ggml_type])
+    (s, z) projected onto it, per row the better of that and llama.cpp's own quantization
+    (kquant_start), then the constrained solve (decoupleq_ref.kquant) on H."""
+    projected = project_to_kgrid(layer.codes(), layer.scale, layer.zero, KSPECS[ggml_type])
+    start = kquant_start(W, H, projected, damp=solver.get("damp", 0.01))
     solved = solve_kquant(W, H, start, damp=solver.get("damp", 0.01), act_order=solver.get("act_order", True),
                           block_size=solver.get("block_size", 128))
-    losses = {"checkpoint": layer_loss(W, layer.dequantize(), H), "projected": layer_loss(W, start.dequantize(), H),
+    losses = {"checkpoint": layer_loss(W, layer.dequantize(), H), "projected": layer_loss(W, projected.dequantize(), H),
               "solved": layer_loss(W, solved.dequantize(), H)}
     return encode_kquant(solved), losses, solved.dequantize_ggml()
 

@@ -98,10 +98,10 @@ def test_rows_off_the_super_block_are_refused():
 
 
 def test_llamacpp_baseline_is_a_sound_kquant():
-    """The baseline (validate.kquant_baseline) gives a valid grid point whose weighted search beats
+    """The baseline (decoupleq_ref.kquant_start.llamacpp_kquant) gives a valid grid point whose weighted search beats
     its own first candidate (plain min-max) on the loss it weighs, and on a layer with correlated
     activations the constrained decoupleQ solve beats it on H."""
-    from validate.kquant_baseline import llamacpp_kquant, weighted_minmax_search
+    from decoupleq_ref.kquant_start import llamacpp_kquant, weighted_minmax_search
 
     rng = np.random.default_rng(5)
     x, w = rng.standard_t(5, (200, 32)), rng.uniform(0.1, 2.0, (200, 32))
@@ -117,3 +117,26 @@ def test_llamacpp_baseline_is_a_sound_kquant():
     base = llamacpp_kquant(W, np.diag(H), KSPECS["Q4_K"])
     assert base.sc.max() <= 63 and base.m.max() <= 63 and base.q.max() <= 15
     assert layer_loss(W, solve_kquant(W, H, start).dequantize(), H) < layer_loss(W, base.dequantize(), H)
+
+
+@pytest.mark.parametrize("name", ["Q2_K", "Q5_K"])
+def test_solve_from_kquant_start_is_never_worse_than_the_formats_quantizer(name):
+    """kquant_start takes, per row, the better of the projection and llama.cpp's own result, so the
+    constrained solve ends at or below llama.cpp's objective on every row set, even where the free
+    solution's projection is far worse (weights already on a coarser grid)."""
+    from decoupleq_ref.kquant_start import kquant_start, llamacpp_kquant
+    from decoupleq_ref.objective import damp_hessian, row_losses
+
+    spec = KSPECS[name]
+    W, H = dq.synthetic_layer(out=12, n_in=256, n_tokens=1024, seed=5)
+    # A projection made deliberately poor: the free solution's scales halved, so (b) must win rows.
+    res = dq.quantize_layer(W, H, dq.QuantConfig(bits=spec.bits, group_size=spec.sub, iters=1))
+    projected = project_to_kgrid(res.q, res.scale * 0.5, res.zero, spec)
+    start = kquant_start(W, H, projected)
+    Hd = damp_hessian(H, 0.01)
+    own = row_losses(W, llamacpp_kquant(W, np.diag(H), spec).dequantize(), Hd)
+    proj = row_losses(W, projected.dequantize(), Hd)
+    assert np.allclose(row_losses(W, start.dequantize(), Hd), np.minimum(own, proj), rtol=1e-12, atol=0)
+    assert (own < proj).any()
+    solved = solve_kquant(W, H, start)
+    assert layer_loss(W, solved.dequantize(), Hd) <= float(own.sum()) * (1 + 1e-12)

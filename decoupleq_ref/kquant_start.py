@@ -1,4 +1,6 @@
-"""The format's own quantizer as a baseline: llama.cpp's K-quant algorithm, written from its
+"""Starts for the constrained K-quant solve, and the format's own quantizer.
+
+``llamacpp_kquant`` is llama.cpp's K-quant algorithm, written from its
 description (not its code), with the diagonal of H as the importance, the way ``--imatrix``
 feeds it (an importance matrix is the mean of x² per input channel: diag(XᵀX/N) = diag(H)).
 
@@ -15,15 +17,18 @@ Per sub-block (16 or 32 weights x, importances a):
 4. the codes re-rounded on the final grid: q = clip(round((x + dmin·m_j) / (d·sc_j)), 0, n_max).
 
 (llama.cpp's importance path also weighs the rounding of the sub-scales themselves; step 3 is
-its plain path.) The result is a decoupleq_ref.kquant.KQuantLayer, comparable on H with the
-constrained decoupleQ solve (bench/kquant_vs_llamacpp.py).
+its plain path.) The result is a decoupleq_ref.kquant.KQuantLayer: the baseline the constrained
+decoupleQ solve is compared with (bench/kquant_vs_llamacpp.py), and one of the two starts
+``kquant_start`` chooses between per row, so the solve is never worse than the format's own
+quantizer on the objective.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from decoupleq_ref.kquant import SUPER, KQuantLayer, KSpec, check_kquant_shape
+from .kquant import SUPER, KQuantLayer, KSpec, check_kquant_shape
+from .objective import damp_hessian, row_losses
 
 #: (rmin, rdelta, nstep, κ) per type
 SEARCH = {"Q2_K": (-0.9, 0.05, 36, 1.0), "Q4_K": (-0.9, 0.05, 36, 2.0), "Q5_K": (-0.9, 0.05, 36, 2.0)}
@@ -95,3 +100,20 @@ def llamacpp_kquant(W: np.ndarray, importance: np.ndarray, spec: KSpec) -> KQuan
     low = np.repeat(np.repeat(dmin.astype(np.float64), spec.n_sub, axis=1) * m, spec.sub, axis=1)
     q = np.clip(np.floor(np.divide(W + low, step, out=np.zeros_like(W), where=step > 0) + 0.5), 0, nmax)
     return KQuantLayer(spec, q.astype(np.uint8), sc, m, d, dmin)
+
+
+def kquant_start(W: np.ndarray, H: np.ndarray, projected: KQuantLayer, damp: float = 0.01) -> KQuantLayer:
+    """Per row, the better start on Σ (Ŵ_i − W_i)(H + λI)(Ŵ_i − W_i)ᵀ of ``projected`` (a free
+    decoupleQ solution rounded onto the grid, ``kquant.project_to_kgrid``) and llama.cpp's own
+    quantization with diag(H) as importance (``llamacpp_kquant``). Rows of a K-quant layer are
+    independent (each holds its own super-blocks), so the mix is a valid layer; ties keep
+    ``projected``. The solve from here keeps only what lowers the objective, so it never ends
+    above the format's own quantizer."""
+    W = np.asarray(W, np.float64)
+    H = np.asarray(H, np.float64)
+    Hd = damp_hessian(H, damp)
+    own = llamacpp_kquant(W, np.diag(H), projected.spec)
+    take = row_losses(W, own.dequantize(), Hd) < row_losses(W, projected.dequantize(), Hd)
+    pick = {name: np.where(take[:, None], getattr(own, name), getattr(projected, name))
+            for name in ("q", "sc", "m", "d", "dmin")}
+    return KQuantLayer(projected.spec, **pick)
