@@ -10,7 +10,7 @@ from typing import Optional
 import typer
 
 from .cli import app
-from .cli_model import friendly_errors
+from .cli_errors import friendly_errors
 from .model.progress import log
 
 

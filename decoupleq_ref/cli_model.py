@@ -7,17 +7,16 @@ them, never at import time: ``decoupleq quantize`` runs without torch.
 from __future__ import annotations
 
 import copy
-import errno
-import functools
 import json
 import time
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 import typer
 
 from .backends import ALIASES, BACKENDS, default_backend, get_solver
 from .cli import app
+from .cli_errors import friendly_errors
 from .config import IMPROVED, METHODS, QuantConfig
 from .model.progress import log
 from .model.source import ModelSource, resolve_model
@@ -32,48 +31,6 @@ MODEL_ARG = typer.Argument(None, help="HF model directory (safetensors) or .gguf
 def device_option() -> typer.Option:
     return typer.Option("auto", help="torch device for the model's forward passes: auto (a CUDA GPU when torch "
                         "sees one, else cpu), cpu, cuda or cuda:N; the layer solver's is --backend")
-
-
-#: Commands whose finished units are kept, so that the same command resumes them.
-RESUMABLE = ("quantize_cmd", "run_cmd", "demo_cmd")
-#: What to do about a disk error, by errno.
-DISK_HINTS = {errno.ENOSPC: "disk full: free space or choose another --out",
-              errno.EDQUOT: "disk quota exceeded: free space or choose another --out",
-              errno.EFBIG: "file too large for this file system: choose an --out on one that allows large files"}
-
-
-def friendly_errors(command: Callable) -> Callable:
-    """Bad input (ValueError) → typer usage error naming the argument (exit 2); disk errors and
-    running out of memory → one clear line and exit 1; Ctrl-C → one line and exit 130. Never a
-    deep traceback for the user's mistakes or the machine's limits."""
-    resumable = command.__name__ in RESUMABLE
-    kept = "; finished layers and blocks are kept and the same command resumes the run" if resumable else ""
-
-    @functools.wraps(command)
-    def wrapper(*args, **kwargs):
-        try:
-            return command(*args, **kwargs)
-        except ValueError as e:
-            raise typer.BadParameter(str(e)) from None
-        except KeyboardInterrupt:
-            typer.echo(f"interrupted{kept or '; nothing was kept: run the command again'}", err=True)
-            raise typer.Exit(130) from None
-        except OSError as e:
-            hint = DISK_HINTS.get(e.errno)
-            typer.echo(f"error: {e}" + (f" ({hint}{kept})" if hint else kept), err=True)
-            raise typer.Exit(1) from None
-        except (MemoryError, RuntimeError) as e:
-            # torch.cuda.OutOfMemoryError is a RuntimeError; matched by name so this module needs no torch
-            gpu = type(e).__name__ == "OutOfMemoryError"
-            if not (gpu or isinstance(e, MemoryError)):
-                raise
-            where = "GPU" if gpu else "host"
-            first = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
-            typer.echo(f"error: out of {where} memory ({first}); pass fewer --nsamples or a shorter --seqlen "
-                       "(or --device cpu when the GPU's memory is short); finished layers and blocks are kept "
-                       "and the same command resumes", err=True)
-            raise typer.Exit(1) from None
-    return wrapper
 
 
 def model_source(model: Optional[str]) -> ModelSource:

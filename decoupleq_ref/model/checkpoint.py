@@ -288,12 +288,7 @@ def read_checkpoint_tensors(folder: Path, option: str = "--quantized") -> tuple[
     """(config, every tensor of model.safetensors) of a finished checkpoint, checked: the config's
     fields, each quantized linear's tensors (dtype, shape from the header; then PackedLayer's checks).
     Errors name ``option``, the argument that passed the folder."""
-    config = checkpoint_config(folder, option)
-    path = Path(folder) / WEIGHTS_NAME
-    check_checkpoint_tensors(path, safetensors_header(path, option, REWRITE)[0], config)
-    tensors, _ = read_safetensors(path, option, REWRITE)
-    for name in config["layers"]:  # every layout check of PackedLayer, with the file named
-        checked_packed_layer(folder, tensors, name, config, option)
+    config, tensors, _ = read_checked_checkpoint(folder, option)
     return config, tensors
 
 
@@ -303,8 +298,18 @@ def read_checkpoint(folder: Path) -> tuple[dict, dict[str, PackedLayer]]:
     config is quantization_config.json (bits, group_size, method, per-layer loss, ...); each
     PackedLayer holds the stored packed codes, float32 scales/zeros and the fp16 branch if any,
     so ``PackedLayer.dequantize()`` / ``decoupleq_ref.matmul`` give the layer's Ŵ / x @ Ŵᵀ."""
-    config, tensors = read_checkpoint_tensors(folder, "folder")
-    return config, {name: checked_packed_layer(folder, tensors, name, config, "folder") for name in config["layers"]}
+    config, _, layers = read_checked_checkpoint(folder, "folder")
+    return config, layers
+
+
+def read_checked_checkpoint(folder: Path, option: str) -> tuple[dict, dict[str, np.ndarray], dict[str, PackedLayer]]:
+    """(config, tensors, {linear name: PackedLayer}): both readers' checks, each layer built once."""
+    config = checkpoint_config(folder, option)
+    path = Path(folder) / WEIGHTS_NAME
+    check_checkpoint_tensors(path, safetensors_header(path, option, REWRITE)[0], config)
+    tensors, _ = read_safetensors(path, option, REWRITE)
+    layers = {name: checked_packed_layer(folder, tensors, name, config, option) for name in config["layers"]}
+    return config, tensors, layers
 
 
 def checked_packed_layer(folder: Path, tensors: dict[str, np.ndarray], name: str, config: dict,
