@@ -3,13 +3,15 @@
 Every quantized model comes from `decoupleq run` (true-sequential: each block's H is captured on
 the outputs of the already-quantized prefix), so the methods differ only in the layer solver:
 
-    rtn            init only (H-scored min-max grid)        --method rtn      --block-epochs 0
-    gptq           init + GPTQ rounding                     --method gptq     --block-epochs 0
-    decoupleq      the alternation, layer-wise only         --method decoupleq --block-epochs 0
-    decoupleq+bw   the same + the block-wise stage          --method decoupleq --block-epochs E
+    rtn            init only (H-scored min-max grid)        --method rtn       --block-epochs 0 --model-epochs 0
+    gptq           init + GPTQ rounding                     --method gptq      --block-epochs 0 --model-epochs 0
+    decoupleq      the alternation, layer-wise only         --method decoupleq --block-epochs 0 --model-epochs 0
+    decoupleq+bw   the same + `run`'s trained stages        --method decoupleq (block-wise and model-level stages
+                   at the --block-* / --model-* settings, default `run`'s)
 
-Calibration: random windows of wikitext-2 valid; evaluation: the first --eval-tokens tokens of
-wikitext-2-raw test in non-overlapping windows of --eval-seqlen (default --seqlen). Results go to --out-json after every
+Calibration: --nsamples random windows of --seqlen tokens of wikitext-2 valid (default 32 x 512);
+evaluation: the first --eval-tokens (16384) tokens of wikitext-2-raw test in non-overlapping windows
+of --eval-seqlen (default --seqlen). Each run's time per stage goes to the JSON. Results go to --out-json after every
 run (a re-run skips what is there, and resumes an interrupted checkpoint), then a table and a PNG
 of perplexity vs bits per method.
 
@@ -27,7 +29,10 @@ from pathlib import Path
 from decoupleq_ref.cli_model import (DEFAULT_CALIB_TEXT, DEFAULT_EVAL_TEXT, SOLVERS, eval_pipeline, quant_config,
                                     run_pipeline)
 from decoupleq_ref.model.atomic import write_json
+from decoupleq_ref.model.train_config import PRECISION_CHOICES, SCHEDULES, TARGETS, BlockwiseConfig, ModelStageConfig
 from decoupleq_ref.model.source import resolve_model
+from decoupleq_ref.model.stage_times import StageTimes
+from decoupleq_ref.model.torch_model import torch_device, training_precision
 
 METHODS = ("rtn", "gptq", "decoupleq", "decoupleq+bw")
 
@@ -52,9 +57,14 @@ def one_run(source, args, bits: int, group_size: int, method: str) -> dict:
     out = args.workdir / f"w{bits}_g{group_size}_{method.replace('+', '_')}{suffix}"
     cfg = quant_config(bits, group_size, solver_method, solver=args.solver)
     t0 = time.perf_counter()
-    config = run_pipeline(source, args.calib_text, args.nsamples, args.seqlen, 0, cfg, args.backend, epochs,
-                          args.block_lr, out, overwrite=False, device=args.device)
+    precision = training_precision(args.train_precision, torch_device(args.device))
+    blockwise = BlockwiseConfig(epochs, args.block_lr, args.block_targets, precision, args.block_schedule)
+    model_stage = ModelStageConfig(args.model_epochs if method == "decoupleq+bw" else 0, args.model_lr, precision)
+    times = StageTimes()
+    config = run_pipeline(source, args.calib_text, args.nsamples, args.seqlen, 0, cfg, args.backend, blockwise,
+                          out, overwrite=False, device=args.device, times=times, model_stage=model_stage)
     t_run = time.perf_counter() - t0
+    print(f"{setting_name(bits, group_size)} {method}: run {t_run:.0f}s, time per stage:\n{times.table(t_run)}", flush=True)
     r = eval_pipeline(source, out, args.eval_text, args.eval_seqlen, args.eval_tokens, device=args.device)
     stages = config.get("blockwise", [])
     improved = sum(1 for s in stages if s.get("kept") == "trained")
@@ -62,7 +72,8 @@ def one_run(source, args, bits: int, group_size: int, method: str) -> dict:
             "solver": args.solver, "perplexity": r["perplexity"], "kl": r["kl"], "tokens": r["tokens"],
             "seqlen": r["seqlen"],
             "run_seconds": t_run, "eval_seconds": time.perf_counter() - t0 - t_run, "backend": config["backend"],
-            "blocks_improved_by_bw": improved if epochs else None,
+            "blocks_improved_by_bw": improved if epochs else None, "stage_seconds": times.as_dict(),
+            "blockwise": blockwise.settings() if epochs else None, "model_stage": config.get("model_stage"),
             "layer_loss_total": sum(v["loss"] for v in config["layers"].values())}
 
 
@@ -114,14 +125,18 @@ def main() -> None:
     p.add_argument("--model", default=None, help="default: the bundled SmolLM2-135M-Instruct")
     p.add_argument("--calib-text", type=Path, default=DEFAULT_CALIB_TEXT)
     p.add_argument("--eval-text", type=Path, default=DEFAULT_EVAL_TEXT)
-    p.add_argument("--nsamples", type=int, default=16)
+    p.add_argument("--nsamples", type=int, default=32)
     p.add_argument("--seqlen", type=int, default=512, help="calibration window (and evaluation window unless "
                    "--eval-seqlen)")
     p.add_argument("--eval-seqlen", type=int, default=None)
-    p.add_argument("--eval-tokens", type=int, default=8192)
-    p.add_argument("--block-epochs", type=int, default=2)
-    p.add_argument("--block-lr", type=float, default=3e-4,
-                   help="3e-4: the official 1e-5 is for 512 Adam steps; 16 windows x 2 epochs make 32 (§5)")
+    p.add_argument("--eval-tokens", type=int, default=16384)
+    p.add_argument("--block-epochs", type=int, default=BlockwiseConfig.epochs)
+    p.add_argument("--block-lr", type=float, default=BlockwiseConfig.lr)
+    p.add_argument("--block-targets", default=BlockwiseConfig.targets, choices=TARGETS)
+    p.add_argument("--train-precision", default="auto", choices=PRECISION_CHOICES)
+    p.add_argument("--model-epochs", type=int, default=ModelStageConfig.epochs)
+    p.add_argument("--model-lr", type=float, default=ModelStageConfig.lr)
+    p.add_argument("--block-schedule", default=BlockwiseConfig.schedule, choices=SCHEDULES)
     p.add_argument("--solver", default="official", choices=SOLVERS,
                    help="layer solver settings (decoupleq run --solver)")
     p.add_argument("--backend", default=None)

@@ -19,7 +19,9 @@ from .cli import app
 from .cli_errors import friendly_errors
 from .config import IMPROVED, METHODS, QuantConfig
 from .model.progress import log
+from .model.train_config import BlockwiseConfig, ModelStageConfig
 from .model.source import ModelSource, resolve_model
+from .model.stage_times import StageTimes
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_CALIB_TEXT = REPO.parent / "shared" / "data" / "wikitext-2" / "valid.txt"
@@ -154,35 +156,61 @@ def quantize_cmd(
         log(f"wrote {out / 'model.gguf'}")
 
 
+#: Block-wise stage options of ``run``: defaults BlockwiseConfig's (why: BENCHMARKS.md §5);
+#: the official code's stage is --block-lr 1e-5 --block-targets quantized --train-precision fp32
+#: --block-schedule constant (4 epochs).
+BLOCK_EPOCHS = typer.Option(BlockwiseConfig.epochs, min=0, help="block-wise stage epochs (0 = off)")
+BLOCK_LR = typer.Option(BlockwiseConfig.lr, min=0.0, help="block-wise stage peak Adam learning rate (0 = off; "
+                        "the official code's: 1e-5)")
+BLOCK_TARGETS = typer.Option(BlockwiseConfig.targets, help="block-wise targets: quantized (the float block on the "
+                             "quantized prefix's outputs, the official code's) or float (the float model's own "
+                             "hidden states: the block also corrects the prefix's error)")
+TRAIN_PRECISION = typer.Option("auto", help="forward/backward precision of the block-wise and model-level "
+                               "stages: fp32 (the official code's), bf16 (autocast, fp32 master weights and "
+                               "losses), or auto: bf16 where the device has it natively (CPUs with AMX or "
+                               "AVX-512-BF16, GPUs), else fp32")
+BLOCK_SCHEDULE = typer.Option(BlockwiseConfig.schedule, help="block-wise learning-rate schedule: constant (the "
+                              "official code's) or cosine (decays to 0 over the steps)")
+MODEL_EPOCHS = typer.Option(ModelStageConfig.epochs, min=0, help="model-level stage epochs: every (s, z) and norm "
+                            "trained towards the float model's next-token distribution (KL) after the blocks "
+                            "(0 = off, as in the official procedure)")
+MODEL_LR = typer.Option(ModelStageConfig.lr, min=0.0, help="model-level stage peak Adam learning rate (cosine decay; "
+                        "0 = off)")
+
+
 def run_pipeline(source: ModelSource, text: Path, nsamples: int, seqlen: int, seed: int, cfg: QuantConfig,
-                 backend: Optional[str], block_epochs: int, block_lr: float, out: Path, overwrite: bool,
-                 text_option: str = "--text", device: str = "auto") -> dict:
-    """calibration windows → sequential quantization with the block-wise stage → checkpoint."""
+                 backend: Optional[str], blockwise: BlockwiseConfig, out: Path, overwrite: bool,
+                 text_option: str = "--text", device: str = "auto", times: StageTimes | None = None,
+                 model_stage: ModelStageConfig | None = None) -> dict:
+    """calibration windows → sequential quantization with the block-wise stage → checkpoint.
+    ``times`` (optional) collects the wall time per stage (model/stage_times.py)."""
     from .model.checkpoint import CheckpointWriter, finished_with
     from .model.quantize import checkpoint_header
     from .model.sequential import run_model
     from .model.text import check_seqlen, text_sha256
     from .model.torch_model import load_model, torch_device
 
-    if block_epochs < 0 or block_lr < 0:
-        raise ValueError("--block-epochs/--block-lr: must be >= 0 (0 turns the block-wise stage off)")
     solve, backend_name = solver_for(backend)
     where = torch_device(device)
     if not Path(text).is_file():
         raise ValueError(f"{text_option}: {text} is not a file; pass a plain-text file (e.g. wikitext-2 valid.txt)")
     calibration = {"text_sha256": text_sha256(text), "nsamples": nsamples, "seqlen": seqlen, "seed": seed}
     header = checkpoint_header("run", source, cfg, backend_name, calibration)
-    header["blockwise_settings"] = {"epochs": block_epochs, "lr": block_lr}
+    header["blockwise_settings"] = blockwise.settings()
+    if model_stage is not None and model_stage.on:
+        header["model_stage_settings"] = model_stage.settings()
     header["torch_device"] = where.type  # forward passes and Adam differ in the last bits between devices
     done = None if overwrite else finished_with(out, header)
     if done is not None:
         log(f"{out} is already a finished checkpoint of this command; nothing to do")
         return done
-    net, tokenizer = load_model(source, causal=True, device=where)
-    check_seqlen(net.config, seqlen)
-    windows = text_windows(tokenizer, text, nsamples, seqlen, seed, text_option)
+    times = times if times is not None else StageTimes(where)
+    with times("load"):
+        net, tokenizer = load_model(source, causal=True, device=where)
+        check_seqlen(net.config, seqlen)
+        windows = text_windows(tokenizer, text, nsamples, seqlen, seed, text_option)
     with CheckpointWriter(out, header, overwrite) as writer:
-        return run_model(net, windows, cfg, solve, writer, block_epochs if block_lr > 0 else 0, block_lr, seed)
+        return run_model(net, windows, cfg, solve, writer, blockwise, seed, times, model_stage)
 
 
 @app.command("run")
@@ -190,8 +218,8 @@ def run_pipeline(source: ModelSource, text: Path, nsamples: int, seqlen: int, se
 def run_cmd(
     model: Optional[str] = MODEL_ARG,
     text: Path = typer.Option(DEFAULT_CALIB_TEXT, help="calibration text file"),
-    nsamples: int = typer.Option(128, min=1),
-    seqlen: int = typer.Option(2048, min=2),
+    nsamples: int = typer.Option(32, min=1, help="calibration windows (the paper: 128)"),
+    seqlen: int = typer.Option(512, min=2, help="tokens per calibration window (the paper: 2048)"),
     seed: int = typer.Option(0),
     bits: int = typer.Option(2, min=1, max=8),
     group_size: int = typer.Option(64, help="-1 = per-channel"),
@@ -202,10 +230,13 @@ def run_cmd(
     hp_select: str = typer.Option("hessian", help="how the fp16 branch picks its channels"),
     solver: str = solver_option(),
     backend: Optional[str] = typer.Option(None, help=f"one of {', '.join(BACKENDS)}"),
-    block_epochs: int = typer.Option(4, help="block-wise stage epochs (0 = off)"),
-    block_lr: float = typer.Option(1e-5, help="block-wise stage Adam learning rate (0 = off); 1e-5 is the "
-                                   "official value for 128 windows x 2048 tokens x 4 epochs (512 steps): with a few "
-                                   "windows raise it (3e-4 at 16 x 512 x 2, BENCHMARKS.md §5)"),
+    block_epochs: int = BLOCK_EPOCHS,
+    block_lr: float = BLOCK_LR,
+    block_targets: str = BLOCK_TARGETS,
+    block_schedule: str = BLOCK_SCHEDULE,
+    model_epochs: int = MODEL_EPOCHS,
+    model_lr: float = MODEL_LR,
+    train_precision: str = TRAIN_PRECISION,
     out: Path = typer.Option(Path("qmodel"), help="checkpoint folder"),
     overwrite: bool = typer.Option(False, help="replace an existing --out instead of resuming"),
     device: str = device_option(),
@@ -214,14 +245,22 @@ def run_cmd(
 ) -> None:
     """The full procedure block by block: true-sequential layer-wise solve + block-wise stage."""
     from .model.gguf_export import check_output_format, write_output_format
+    from .model.torch_model import torch_device, training_precision
 
     cfg = quant_config(bits, group_size, method, iters, hp_channels, hp_select, solver)
     check_output_format(fmt, bits, group_size)
     t0 = time.perf_counter()
     source = model_source(model)
-    config = run_pipeline(source, text, nsamples, seqlen, seed, cfg, backend, block_epochs,
-                          block_lr, out, overwrite, device=device)
-    log(f"wrote {out}: {len(config['layers'])} layers in {time.perf_counter() - t0:.0f}s")
+    precision = training_precision(train_precision, torch_device(device))
+    blockwise = BlockwiseConfig(block_epochs, block_lr, block_targets, precision, block_schedule)
+    model_stage = ModelStageConfig(model_epochs, model_lr, precision)
+    times = StageTimes(torch_device(device))
+    config = run_pipeline(source, text, nsamples, seqlen, seed, cfg, backend, blockwise, out, overwrite,
+                          device=device, times=times, model_stage=model_stage)
+    wall = time.perf_counter() - t0
+    log(f"wrote {out}: {len(config['layers'])} layers in {wall:.0f}s")
+    if times.total:
+        log("time per stage:\n" + times.table(wall))
     if write_output_format(fmt, out, source):
         log(f"wrote {out / 'model.gguf'}")
 
@@ -282,29 +321,41 @@ def demo_cmd(
     model: Optional[str] = MODEL_ARG,
     calib_text: Path = typer.Option(DEFAULT_CALIB_TEXT, help="calibration text"),
     eval_text: Path = typer.Option(DEFAULT_EVAL_TEXT, help="evaluation text"),
-    nsamples: int = typer.Option(8, min=1, help="calibration windows"),
+    nsamples: int = typer.Option(32, min=1, help="calibration windows"),
     seqlen: int = typer.Option(512, min=2, help="tokens per window (calibration and evaluation)"),
-    eval_tokens: int = typer.Option(8192, min=1, help="evaluation tokens (from the start of the text)"),
-    block_epochs: int = typer.Option(2, min=0, help="block-wise stage epochs (0 = off)"),
-    block_lr: float = typer.Option(3e-4, min=0.0, help="block-wise stage Adam learning rate (16 steps here, not "
-                                   "the official 512: 3e-4 rather than its 1e-5, BENCHMARKS.md §5)"),
+    eval_tokens: int = typer.Option(16384, min=1, help="evaluation tokens (from the start of the text)"),
+    block_epochs: int = BLOCK_EPOCHS,
+    block_lr: float = BLOCK_LR,
+    block_targets: str = BLOCK_TARGETS,
+    block_schedule: str = BLOCK_SCHEDULE,
+    model_epochs: int = MODEL_EPOCHS,
+    model_lr: float = MODEL_LR,
+    train_precision: str = TRAIN_PRECISION,
     backend: Optional[str] = typer.Option(None, help=f"one of {', '.join(BACKENDS)}; default: fastest available"),
     out: Path = typer.Option(Path("decoupleq-demo"), help="checkpoint folder"),
     overwrite: bool = typer.Option(False, help="start over instead of resuming"),
     device: str = device_option(),
 ) -> None:
-    """The README's main job: calibrate + run at W2 g64 (block-wise stage on), eval fp vs quantized."""
+    """The README's main job: `run` at W2 g64 with its default stages on 32 windows x 512 tokens,
+    then eval of float vs quantized (BENCHMARKS.md §5's protocol)."""
+    from .model.torch_model import torch_device, training_precision
+
     source = model_source(model)
     cfg = QuantConfig(bits=2, group_size=64)
+    precision = training_precision(train_precision, torch_device(device))
+    blockwise = BlockwiseConfig(block_epochs, block_lr, block_targets, precision, block_schedule)
+    model_stage = ModelStageConfig(model_epochs, model_lr, precision)
     backend_name = solver_for(backend)[1]
     log(f"demo: {source.describe()}\n  run: W2 g64 decoupleq, {nsamples} calibration windows x {seqlen} tokens "
-        f"of {calib_text.name}, block-wise stage {block_epochs} epochs (lr {block_lr}), backend {backend_name}\n"
+        f"of {calib_text.name}, backend {backend_name}; block-wise stage {blockwise.settings()}; model-level "
+        f"stage {model_stage.settings() if model_stage.on else 'off'}\n"
         f"  eval: first {eval_tokens} tokens of {eval_text.name} in windows of {seqlen}; checkpoint {out}")
     t0 = time.perf_counter()
     if not eval_text.is_file():  # fail before the long run, not after it
         raise ValueError(f"--eval-text: {eval_text} is not a file; pass a plain-text file")
-    config = run_pipeline(source, calib_text, nsamples, seqlen, 0, cfg, backend_name, block_epochs, block_lr, out,
-                          overwrite, "--calib-text", device)
+    times = StageTimes(torch_device(device))
+    config = run_pipeline(source, calib_text, nsamples, seqlen, 0, cfg, backend_name, blockwise, out, overwrite,
+                          "--calib-text", device, times, model_stage)
     t_run = time.perf_counter() - t0
     r = eval_pipeline(source, out, eval_text, seqlen, eval_tokens, "--eval-text", device=device)
     stages = [s for s in config.get("blockwise", []) if "loss_before" in s]
@@ -317,4 +368,10 @@ def demo_cmd(
         after = sum(min(s["loss_before"], s["loss_after"]) for s in stages)
         typer.echo(f"  block-wise stage: summed block output MSE {before:.4g} -> {after:.4g} "
                    f"({sum(s['kept'] == 'trained' for s in stages)}/{len(stages)} blocks improved)")
+    if "model_stage" in config:
+        m = config["model_stage"]
+        typer.echo(f"  model-level stage: KL to float {m['kl_before']:.4g} -> {m['kl_after']:.4g} on "
+                   f"{m['kl_windows']} calibration windows ({'kept' if m['kept'] == 'trained' else 'not kept'})")
     typer.echo(f"  time: run {t_run:.0f}s, total {time.perf_counter() - t0:.0f}s")
+    if times.total:
+        typer.echo("  time per stage of the run:\n" + times.table(t_run))

@@ -1,13 +1,19 @@
 """The block-wise stage of decoupleQ: q frozen, scale/zero and norm weights trained with Adam so the
-quantized block's output matches the float block's on the same (quantized-prefix) inputs:
+quantized block's output matches a float target on the quantized prefix's outputs X:
 
-    min_{s, z, γ}  mean ‖ block_{q, s, z, γ}(X) − block_fp(X) ‖²
+    min_{s, z, γ}  mean ‖ block_{q, s, z, γ}(X) − Y ‖²
 
-Optimizer settings follow the official code: Adam, betas (0.9, 0.99), eps 2e-5, weight decay 1e-6.
+Y is the float block on the same X (``targets="quantized"``, the official code) or the float
+model's own hidden states after this block (``targets="float"``: the block also learns to undo
+the error the quantized prefix left in X). Optimizer settings follow the official code: Adam,
+betas (0.9, 0.99), eps 2e-5, weight decay 1e-6; ``schedule="cosine"`` decays the learning rate to
+zero over the steps. ``precision="bf16"`` runs forward and backward under torch.autocast in
+bfloat16 (fp32 master parameters, fp32 loss): the CPU's AMX / AVX-512-BF16 units, or a GPU's.
 """
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -15,6 +21,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from .train_config import BlockwiseConfig, ModelStageConfig
+from .stage_times import StageTimes
 from .torch_model import is_conv1d
 
 ADAM = {"betas": (0.9, 0.99), "eps": 2e-5, "weight_decay": 1e-6}
@@ -36,8 +44,9 @@ class QuantLinear(nn.Module):
         self.register_buffer("hp_weight", None if branch is None else torch.from_numpy(branch[1].astype(np.float32)))
 
     def weight_hat(self) -> torch.Tensor:
-        expand = lambda t: t.repeat_interleave(self.group, dim=1)  # noqa: E731
-        W_hat = expand(self.scale) * self.q + expand(self.zero)
+        out, n_in = self.q.shape
+        q = self.q.view(out, -1, self.group)  # (out, groups, group): s and z broadcast over a group
+        W_hat = (self.scale[:, :, None] * q + self.zero[:, :, None]).view(out, n_in)
         return W_hat if self.hp_index is None else W_hat.index_add(1, self.hp_index, self.hp_weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -45,11 +54,9 @@ class QuantLinear(nn.Module):
 
 
 @dataclass
-class BlockwiseResult:
+class TrainedScales:
     scales: dict[str, np.ndarray]
     zeros: dict[str, np.ndarray]
-    loss_before: float
-    loss_after: float
     steps: int
 
 
@@ -58,13 +65,9 @@ def call_block(block: nn.Module, x: torch.Tensor, kwargs: dict) -> torch.Tensor:
     return out[0] if isinstance(out, tuple) else out
 
 
-def block_mse(block: nn.Module, X: torch.Tensor, Y: torch.Tensor, kwargs: dict, batch: int = 8) -> float:
-    """mean ‖block(X) − Y‖² over every element, in float64."""
-    total = 0.0
-    with torch.no_grad():
-        for i in range(0, len(X), batch):
-            total += float(((call_block(block, X[i:i + batch], kwargs) - Y[i:i + batch]).double() ** 2).sum())
-    return total / Y.numel()
+def output_mse(out: torch.Tensor, Y: torch.Tensor) -> float:
+    """mean ‖out − Y‖² over every element, in float64."""
+    return float(((out - Y).double() ** 2).sum()) / Y.numel()
 
 
 def norm_parameters(block: nn.Module) -> list[nn.Parameter]:
@@ -80,52 +83,55 @@ def _swap(block: nn.Module, name: str, new: nn.Module) -> nn.Module:
     return old
 
 
+def autocast(config: BlockwiseConfig | ModelStageConfig, device: torch.device):
+    """The training precision's context: bf16 autocast, or nothing for fp32."""
+    if config.precision == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
 def train_block(block: nn.Module, quant: dict[str, tuple], X: torch.Tensor, Y: torch.Tensor, kwargs: dict,
-                epochs: int, lr: float, seed: int) -> BlockwiseResult:
+                config: BlockwiseConfig, seed: int, times: StageTimes | None = None) -> TrainedScales:
     """Train (s, z) of the block's quantized linears (``quant``: name within block → (q, s, z,
-    branch), branch = (hp_index, hp_weight) or None, kept frozen) and its norm weights for
-    ``epochs`` passes over X, one window per Adam step, in a seeded order.
-    The block keeps whichever of the start and the trained state has the lower loss; its linears
-    are restored as ordinary modules (weights to be set by the caller from the returned s, z)."""
+    branch), branch = (hp_index, hp_weight) or None, kept frozen) and its norm weights towards
+    ``Y`` for ``config.epochs`` passes over X, one window per Adam step, in a seeded order.
+    Returns the trained (s, z); the norm weights are left trained and the linears restored as the
+    ordinary modules they were (the caller measures the result and keeps the better state)."""
+    times = times or StageTimes()
     originals = {}
     for name, (q, s, z, branch) in quant.items():
         module = block.get_submodule(name)
         if is_conv1d(module):
             raise ValueError("--block-epochs: the block-wise stage supports nn.Linear blocks only; pass --block-epochs 0")
         originals[name] = _swap(block, name, QuantLinear(q, s, z, module.bias, branch).to(module.weight.device))
-    norms = norm_parameters(block)
-    norm_start = [p.detach().clone() for p in norms]
-    params = [p for n in quant for p in (block.get_submodule(n).scale, block.get_submodule(n).zero)] + norms
+    params = [p for n in quant for p in (block.get_submodule(n).scale, block.get_submodule(n).zero)]
+    params += norm_parameters(block)
     flags = {p: p.requires_grad for p in block.parameters()}
     for p in block.parameters():
         p.requires_grad_(False)
     for p in params:
         p.requires_grad_(True)
     try:
-        before = block_mse(block, X, Y, kwargs)
-        opt = torch.optim.Adam(params, lr=lr, **ADAM)
+        opt = torch.optim.Adam(params, lr=config.lr, **ADAM)
         rng = np.random.default_rng(seed)
-        steps = 0
-        for _ in range(epochs):
+        steps, total = 0, config.epochs * len(X)
+        for _ in range(config.epochs):
             for i in rng.permutation(len(X)):
+                for group in opt.param_groups:
+                    group["lr"] = config.lr_at(steps, total)
                 opt.zero_grad(set_to_none=True)
-                loss = F.mse_loss(call_block(block, X[i:i + 1], kwargs), Y[i:i + 1])
-                loss.backward()
-                opt.step()
+                with times("blockwise forward"), autocast(config, X.device):
+                    loss = F.mse_loss(call_block(block, X[i:i + 1], kwargs).float(), Y[i:i + 1])
+                with times("blockwise backward"):
+                    loss.backward()
+                with times("blockwise optimizer"):
+                    opt.step()
                 steps += 1
-        after = block_mse(block, X, Y, kwargs)
-        keep = after < before
-        scales = {n: (block.get_submodule(n).scale.detach().cpu().numpy().copy() if keep else quant[n][1])
-                  for n in quant}
-        zeros = {n: (block.get_submodule(n).zero.detach().cpu().numpy().copy() if keep else quant[n][2])
-                 for n in quant}
-        if not keep:
-            with torch.no_grad():
-                for p, p0 in zip(norms, norm_start):
-                    p.copy_(p0)
+        scales = {n: block.get_submodule(n).scale.detach().cpu().numpy().copy() for n in quant}
+        zeros = {n: block.get_submodule(n).zero.detach().cpu().numpy().copy() for n in quant}
     finally:
         for name, module in originals.items():
             _swap(block, name, module)
         for p, flag in flags.items():
             p.requires_grad_(flag)
-    return BlockwiseResult(scales, zeros, before, after, steps)
+    return TrainedScales(scales, zeros, steps)

@@ -3,18 +3,21 @@
 For each decoder block, in order:
 
 1. its inputs X are the outputs of the already-quantized prefix on the calibration windows;
-2. the float block's outputs Y = block_fp(X) are kept as the block-wise target;
+2. the float block's outputs Y = block_fp(X) are kept as the block-wise target (or, with
+   float targets, the float model's own hidden states after the block, carried alongside X);
 3. its linears are solved layer-wise in the official order (q/k/v → o → gate/up → down), each
    group's H = XᵀX/N captured after the previous groups were quantized;
 4. the block-wise stage (blockwise.py) trains (s, z) and the norm weights towards Y;
 5. the block is committed to the checkpoint (one atomic file) and its weights are set from what
    was committed, so a resumed run continues from exactly the same state.
+
+Then the model-level stage (model_stage.py), when on, trains every (s, z) and norm weight
+towards the float model's next-token distribution and is committed as one more unit.
 """
 
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -23,11 +26,14 @@ from torch import nn
 from ..backends import Solver
 from ..config import QuantConfig
 from ..objective import layer_loss
-from .blockwise import call_block, norm_parameters, train_block
+from .blockwise import call_block, norm_parameters, output_mse, train_block
 from .calibrate import HessianHooks, StopForward
 from .checkpoint import CheckpointWriter, dequantized_weight, packed_layer, stored_layer
+from .model_stage import TeacherHead, train_model
 from .progress import log, progress_bar
+from .stage_times import StageTimes
 from .torch_model import find_linears, layer_matrix, model_device, set_layer_matrix
+from .train_config import BlockwiseConfig, ModelStageConfig
 
 #: Official true-sequential order within a Llama block; names not listed form a last group.
 LLAMA_GROUPS = (("self_attn.k_proj", "self_attn.v_proj", "self_attn.q_proj"), ("self_attn.o_proj",),
@@ -101,10 +107,19 @@ def apply_unit(block: nn.Module, prefix: str, tensors: dict[str, np.ndarray], in
 
 
 def quantize_block(block: nn.Module, prefix: str, X: torch.Tensor, kwargs: dict, cfg: QuantConfig, solve: Solver,
-                   epochs: int, lr: float, seed: int) -> tuple[dict[str, np.ndarray], dict]:
-    """Steps 2-4 for one block: returns the unit's tensors and info (per-layer losses on their H)."""
+                   blockwise: BlockwiseConfig, seed: int, target: torch.Tensor | None = None,
+                   times: StageTimes | None = None) -> tuple[dict[str, np.ndarray], dict, torch.Tensor | None]:
+    """Steps 2-4 for one block: returns the unit's tensors, its info (per-layer losses on their H)
+    and, when the block-wise stage measured it, the block's output on X in the kept state (the
+    next block's input; None: the caller computes it). ``target``: the block-wise stage's Y when
+    it is not the float block on X (float targets).
+
+    Both states the stage compares are measured as they will be committed: the linears' weights
+    dequantized from the stored float32 (s, z), in float32, whatever the training precision."""
+    times = times or StageTimes()
     linears = find_linears(block)
-    Y = None
+    epochs = blockwise.epochs if blockwise.on else 0
+    Y = target
     tensors: dict[str, np.ndarray] = {}
     layers: dict[str, dict] = {}
     hessians: dict[str, np.ndarray] = {}
@@ -113,16 +128,18 @@ def quantize_block(block: nn.Module, prefix: str, X: torch.Tensor, kwargs: dict,
     for g, group in enumerate(linear_groups(list(linears))):
         # the first group's pass runs the float block: its outputs are the block-wise target Y;
         # other passes stop once the group's inputs are captured
-        want_y = g == 0 and epochs > 0
+        want_y = g == 0 and epochs > 0 and Y is None
         hooks = HessianHooks({n: linears[n] for n in group}, stop_when_done=not want_y)
         try:
-            out = forward_block(block, X, kwargs)
+            with times("capture"):
+                out = forward_block(block, X, kwargs)
         finally:
             hooks.remove()
         Y = out if want_y else Y
         for name, H in hooks.hessians().items():
             W = layer_matrix(linears[name])
-            res = solve(W, H, cfg)
+            with times("solve"):
+                res = solve(W, H, cfg)
             t, info = stored_layer(prefix + name, res, W, H, False)
             tensors.update(t)
             layers[prefix + name] = {**info, "loss_layerwise": info["loss"]}
@@ -131,23 +148,45 @@ def quantize_block(block: nn.Module, prefix: str, X: torch.Tensor, kwargs: dict,
             quant[name] = (res.q, t[f"{prefix}{name}.scales"], t[f"{prefix}{name}.zeros"], branch)
             set_layer_matrix(linears[name], dequantized_weight(t, prefix + name, info, cfg.bits, cfg.group_size))
     stage = {"epochs": epochs}
+    out = None
     if epochs > 0:
         if Y is None:  # a block without linears
-            Y = forward_block(block, X, kwargs)
-        r = train_block(block, quant, X, Y, kwargs, epochs, lr, seed)
+            with times("capture"):
+                Y = forward_block(block, X, kwargs)
+        with times("blockwise loss"):
+            before = output_mse(forward_block(block, X, kwargs), Y)
+        norms_start = [p.detach().clone() for p in norm_parameters(block)]
+        r = train_block(block, quant, X, Y, kwargs, blockwise, seed, times)
+        trained = dict(tensors)
         for name in quant:
-            tensors[f"{prefix}{name}.scales"], tensors[f"{prefix}{name}.zeros"] = r.scales[name], r.zeros[name]
-            layer = layers[prefix + name]
-            W_hat = packed_layer(tensors, prefix + name, layer, cfg.bits, cfg.group_size).dequantize()
-            layer["loss"] = layer_loss(weights[name], W_hat, hessians[name])
-        stage.update(loss_before=r.loss_before, loss_after=r.loss_after, steps=r.steps,
-                     kept="trained" if r.loss_after < r.loss_before else "layer-wise")
+            trained[f"{prefix}{name}.scales"], trained[f"{prefix}{name}.zeros"] = r.scales[name], r.zeros[name]
+            set_layer_matrix(linears[name], dequantized_weight(trained, prefix + name, layers[prefix + name],
+                                                               cfg.bits, cfg.group_size))
+        with times("blockwise loss"):
+            out = forward_block(block, X, kwargs)
+            after = output_mse(out, Y)
+        if after < before:
+            tensors = trained
+            for name in quant:
+                layer = layers[prefix + name]
+                W_hat = packed_layer(tensors, prefix + name, layer, cfg.bits, cfg.group_size).dequantize()
+                layer["loss"] = layer_loss(weights[name], W_hat, hessians[name])
+        else:  # back to the layer-wise state
+            out = None
+            for name in quant:
+                set_layer_matrix(linears[name], dequantized_weight(tensors, prefix + name, layers[prefix + name],
+                                                                   cfg.bits, cfg.group_size))
+            with torch.no_grad():
+                for p, p0 in zip(norm_parameters(block), norms_start):
+                    p.copy_(p0)
+        stage.update(loss_before=before, loss_after=after, steps=r.steps,
+                     kept="trained" if after < before else "layer-wise")
     norms = {}
     for key, p in block.named_parameters():
         if any(p is q for q in norm_parameters(block)):
             norms[prefix + key] = p.detach().cpu().numpy().copy()
     tensors.update(norms)
-    return tensors, {"layers": layers, "norms": sorted(norms), "blockwise": stage}
+    return tensors, {"layers": layers, "norms": sorted(norms), "blockwise": stage}, out
 
 
 def unique_state(model: nn.Module, skip: set[str]) -> dict[str, np.ndarray]:
@@ -162,35 +201,95 @@ def unique_state(model: nn.Module, skip: set[str]) -> dict[str, np.ndarray]:
     return out
 
 
+MODEL_UNIT = "model-stage"
+
+
+def model_stage_quant(writer: CheckpointWriter, units: list[str], bits: int, group_size: int) -> dict[str, tuple]:
+    """name → (q, s, z, branch) of every committed layer, as the block units hold them."""
+    quant = {}
+    for unit in units:
+        tensors, info = writer.load(unit)
+        for name, layer in info["layers"].items():
+            packed = packed_layer(tensors, name, layer, bits, group_size)
+            branch = (packed.hp_index, packed.hp_weight) if packed.hp_channels else None
+            quant[name] = (packed.codes(), packed.scale, packed.zero, branch)
+    return quant
+
+
 def run_model(model: nn.Module, windows: np.ndarray, cfg: QuantConfig, solve: Solver, writer: CheckpointWriter,
-              epochs: int, lr: float, seed: int) -> dict:
-    """Quantize every decoder block in order (see module docstring); returns the checkpoint config."""
+              blockwise: BlockwiseConfig, seed: int, times: StageTimes | None = None,
+              model_stage: ModelStageConfig | None = None) -> dict:
+    """Quantize every decoder block in order, then the model-level stage when ``model_stage`` is
+    on (see module docstring); returns the checkpoint config. ``times`` (optional) collects the
+    wall time per stage."""
+    times = times or StageTimes()
     blocks = decoder_blocks(model)
     model.config.use_cache = False
-    X, kwargs = block_inputs(model, windows)
+    with times("capture"):
+        X, kwargs = block_inputs(model, windows)
+    # the float model's hidden states, carried through every (still float) block: the block-wise
+    # stage's float targets, and the model-level stage's teacher
+    float_targets = blockwise.on and blockwise.targets == "float"
+    model_stage = model_stage if model_stage is not None and model_stage.on else None
+    X_fp = X.clone() if float_targets or model_stage else None
     layers: dict[str, dict] = {}
-    blockwise: list[dict] = []
+    reports: list[dict] = []
     units = []
     with progress_bar("run (blocks)", len(blocks)) as advance:
         for i, block in enumerate(blocks):
             unit, prefix = block_unit(i), f"model.layers.{i}."
             t0 = time.perf_counter()
+            Y_fp = None
+            if X_fp is not None:  # the block is still float here, resumed or not
+                with times("propagate"):
+                    Y_fp = forward_block(block, X_fp, kwargs)
+            X_next = None
             if not writer.done(unit):
-                tensors, info = quantize_block(block, prefix, X, kwargs, cfg, solve, epochs, lr, seed + i)
-                writer.commit(unit, tensors, info)
-            tensors, info = writer.load(unit)
-            apply_unit(block, prefix, tensors, info, cfg.bits, cfg.group_size)
-            X = forward_block(block, X, kwargs)
+                tensors, info, X_next = quantize_block(block, prefix, X, kwargs, cfg, solve, blockwise, seed + i,
+                                                       Y_fp if float_targets else None, times)
+                with times("commit"):
+                    writer.commit(unit, tensors, info)
+            with times("commit"):
+                tensors, info = writer.load(unit)
+                apply_unit(block, prefix, tensors, info, cfg.bits, cfg.group_size)
+            if X_next is None:  # else: the stage's last measurement, in exactly this (committed) state
+                with times("propagate"):
+                    X_next = forward_block(block, X, kwargs)
+            X = X_next
+            X_fp = Y_fp
             units.append(unit)
             layers.update(info["layers"])
             stage = info["blockwise"]
-            blockwise.append({"block": i, **stage})
+            reports.append({"block": i, **stage})
             note = f"block {i}"
-            if epochs:  # the stage's loss, and which state the block kept (the lower loss)
+            if "loss_before" in stage:  # the stage's loss, and which state the block kept (the lower loss)
                 note += f": loss {stage['loss_before']:.3g} → {stage['loss_after']:.3g}"
                 note += ", kept the layer-wise result" if stage.get("kept") == "layer-wise" else ""
             note += f" ({time.perf_counter() - t0:.0f}s)"
             log(note)
             advance(note=note)
+    extra: dict = {"blockwise": reports}
+    if model_stage:
+        if not writer.done(MODEL_UNIT):
+            quant = model_stage_quant(writer, units, cfg.bits, cfg.group_size)
+            log(f"model-level stage: {len(quant)} layers, {model_stage.epochs} epoch(s) of {len(windows)} windows")
+            r = train_model(model, quant, windows, X_fp, TeacherHead(model), model_stage, seed, times)
+            with times("commit"):
+                writer.commit(MODEL_UNIT, r.tensors, {"kl_before": r.kl_before, "kl_after": r.kl_after,
+                                                      "kl_windows": r.kl_windows, "steps": r.steps, "kept": r.kept})
+        with times("commit"):
+            tensors, info = writer.load(MODEL_UNIT)
+            own = dict(model.named_parameters())
+            with torch.no_grad():
+                for key, value in tensors.items():
+                    if key in own:  # norm weights; the linears' (s, z) go to the checkpoint only
+                        own[key].copy_(torch.from_numpy(value))
+        units.append(MODEL_UNIT)
+        extra["model_stage"] = {**model_stage.settings(), **info}
+        log(f"model-level stage: KL {info['kl_before']:.4g} → {info['kl_after']:.4g}"
+            + (", kept the block-wise result" if info["kept"] != "trained" else ""))
+        if info["kept"] == "trained":  # (s, z) moved after the layer losses were measured
+            for layer in layers.values():
+                layer["loss_at"] = "block stage"
     other = unique_state(model, {f"{n}.weight" for n in layers})
-    return writer.finalize(units, other, layers, {"blockwise": blockwise})
+    return writer.finalize(units, other, layers, extra)

@@ -99,6 +99,23 @@ def deterministic_on(device: torch.device) -> None:
         torch.use_deterministic_algorithms(True)
 
 
+def native_bf16(device: torch.device) -> bool:
+    """Whether ``device`` computes bfloat16 natively: a GPU torch calls bf16-capable, or a CPU with
+    AVX-512-BF16 or AMX (elsewhere autocast emulates it, slower than float32)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    cpu = torch.cpu
+    return any(getattr(cpu, probe, lambda: False)() for probe in ("_is_avx512_bf16_supported",
+                                                                  "_is_amx_tile_supported"))
+
+
+def training_precision(name: str, device: torch.device) -> str:
+    """``--train-precision``: ``auto`` is bf16 where the device computes it natively, else fp32."""
+    if name == "auto":
+        return "bf16" if native_bf16(device) else "fp32"
+    return name
+
+
 def model_device(model: nn.Module) -> torch.device:
     """Where the model's weights are: its inputs go there."""
     return next(model.parameters()).device

@@ -85,7 +85,7 @@ def test_calibrate_quantize_reload(arch, tiny, text, tmp_path):
     fp, _ = load_model(resolve_model(tiny[arch]))
     assert set(stats.layers) == set(find_linears(fp)) and stats.info["tokens"] == 4 * 32
     for name, H in stats.hessians.items():
-        assert H.dtype == np.float64 and np.allclose(H, H.T) and np.linalg.eigvalsh(H).min() > -1e-9
+        assert H.dtype == np.float64 and np.allclose(H, H.T) and np.linalg.eigvalsh(H).min() > -1e-6 * np.abs(H).max()  # float32 products (calibrate.gram)
     quantize(tiny[arch], tmp_path / "stats", tmp_path / "q", "--bits", "3", "--group-size", "32")
     config, layers = read_checkpoint(tmp_path / "q")
     assert config["bits"] == 3 and config["group_size"] == 32 and set(layers) == set(stats.layers)

@@ -168,7 +168,7 @@ def test_out_of_memory_is_a_clear_error_and_resumable(llama, text, tmp_path, mon
     for error, shown in ((OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"), "out of GPU memory"),
                          (MemoryError(), "out of host memory")):
         def failing(*a, error=error, **kw):
-            if a[-1] == 1:  # seed + block index: block 1
+            if a[-2] == 1:  # train_block(..., seed + block index, times): block 1
                 raise error
             return real(*a, **kw)
 
