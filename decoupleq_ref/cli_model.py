@@ -178,6 +178,19 @@ MODEL_LR = typer.Option(ModelStageConfig.lr, min=0.0, help="model-level stage pe
                         "0 = off)")
 
 
+def stage_settings(device: str, block_epochs: int, block_lr: float, block_targets: str, block_schedule: str,
+                   model_epochs: int, model_lr: float, train_precision: str
+                   ) -> tuple[BlockwiseConfig, ModelStageConfig, StageTimes]:
+    """The trained stages' settings from the options (--train-precision auto resolved for the
+    device), and the stage clock for that device."""
+    from .model.torch_model import torch_device, training_precision
+
+    where = torch_device(device)
+    precision = training_precision(train_precision, where)
+    return (BlockwiseConfig(block_epochs, block_lr, block_targets, precision, block_schedule),
+            ModelStageConfig(model_epochs, model_lr, precision), StageTimes(where))
+
+
 def run_pipeline(source: ModelSource, text: Path, nsamples: int, seqlen: int, seed: int, cfg: QuantConfig,
                  backend: Optional[str], blockwise: BlockwiseConfig, out: Path, overwrite: bool,
                  text_option: str = "--text", device: str = "auto", times: StageTimes | None = None,
@@ -243,18 +256,16 @@ def run_cmd(
     fmt: str = typer.Option("checkpoint", "--format", help="checkpoint (the --out folder), or gguf: also "
                             "OUT/model.gguf for llama.cpp in the exact type (W1-W4 Q4_1, W5 Q5_1; decoupleq export)"),
 ) -> None:
-    """The full procedure block by block: true-sequential layer-wise solve + block-wise stage."""
+    """The full procedure block by block: true-sequential layer-wise solves and the block-wise
+    stage, then the model-level stage; prints the time per stage."""
     from .model.gguf_export import check_output_format, write_output_format
-    from .model.torch_model import torch_device, training_precision
 
     cfg = quant_config(bits, group_size, method, iters, hp_channels, hp_select, solver)
     check_output_format(fmt, bits, group_size)
     t0 = time.perf_counter()
     source = model_source(model)
-    precision = training_precision(train_precision, torch_device(device))
-    blockwise = BlockwiseConfig(block_epochs, block_lr, block_targets, precision, block_schedule)
-    model_stage = ModelStageConfig(model_epochs, model_lr, precision)
-    times = StageTimes(torch_device(device))
+    blockwise, model_stage, times = stage_settings(device, block_epochs, block_lr, block_targets, block_schedule,
+                                                   model_epochs, model_lr, train_precision)
     config = run_pipeline(source, text, nsamples, seqlen, seed, cfg, backend, blockwise, out, overwrite,
                           device=device, times=times, model_stage=model_stage)
     wall = time.perf_counter() - t0
@@ -338,13 +349,10 @@ def demo_cmd(
 ) -> None:
     """The README's main job: `run` at W2 g64 with its default stages on 32 windows x 512 tokens,
     then eval of float vs quantized (BENCHMARKS.md §5's protocol)."""
-    from .model.torch_model import torch_device, training_precision
-
     source = model_source(model)
     cfg = QuantConfig(bits=2, group_size=64)
-    precision = training_precision(train_precision, torch_device(device))
-    blockwise = BlockwiseConfig(block_epochs, block_lr, block_targets, precision, block_schedule)
-    model_stage = ModelStageConfig(model_epochs, model_lr, precision)
+    blockwise, model_stage, times = stage_settings(device, block_epochs, block_lr, block_targets, block_schedule,
+                                                   model_epochs, model_lr, train_precision)
     backend_name = solver_for(backend)[1]
     log(f"demo: {source.describe()}\n  run: W2 g64 decoupleq, {nsamples} calibration windows x {seqlen} tokens "
         f"of {calib_text.name}, backend {backend_name}; block-wise stage {blockwise.settings()}; model-level "
@@ -353,7 +361,6 @@ def demo_cmd(
     t0 = time.perf_counter()
     if not eval_text.is_file():  # fail before the long run, not after it
         raise ValueError(f"--eval-text: {eval_text} is not a file; pass a plain-text file")
-    times = StageTimes(torch_device(device))
     config = run_pipeline(source, calib_text, nsamples, seqlen, 0, cfg, backend_name, blockwise, out, overwrite,
                           "--calib-text", device, times, model_stage)
     t_run = time.perf_counter() - t0

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import torch
@@ -90,6 +91,30 @@ def autocast(config: BlockwiseConfig | ModelStageConfig, device: torch.device):
     return contextlib.nullcontext()
 
 
+def adam_epochs(params: list[nn.Parameter], n: int, config: BlockwiseConfig | ModelStageConfig, seed: int,
+                times: StageTimes, stage: str, loss_of: Callable[[int], torch.Tensor]) -> int:
+    """``config.epochs`` passes over items 0..n-1 in a seeded order, one Adam step per item on
+    ``loss_of(i)`` (run under the config's autocast), learning rate ``config.lr_at``; the forward,
+    backward and optimizer parts timed as ``{stage} forward`` etc. Returns the steps taken."""
+    device = params[0].device
+    opt = torch.optim.Adam(params, lr=config.lr, **ADAM)
+    rng = np.random.default_rng(seed)
+    steps, total = 0, config.epochs * n
+    for _ in range(config.epochs):
+        for i in rng.permutation(n):
+            for group in opt.param_groups:
+                group["lr"] = config.lr_at(steps, total)
+            opt.zero_grad(set_to_none=True)
+            with times(f"{stage} forward"), autocast(config, device):
+                loss = loss_of(int(i))
+            with times(f"{stage} backward"):
+                loss.backward()
+            with times(f"{stage} optimizer"):
+                opt.step()
+            steps += 1
+    return steps
+
+
 def train_block(block: nn.Module, quant: dict[str, tuple], X: torch.Tensor, Y: torch.Tensor, kwargs: dict,
                 config: BlockwiseConfig, seed: int, times: StageTimes | None = None) -> TrainedScales:
     """Train (s, z) of the block's quantized linears (``quant``: name within block → (q, s, z,
@@ -112,21 +137,8 @@ def train_block(block: nn.Module, quant: dict[str, tuple], X: torch.Tensor, Y: t
     for p in params:
         p.requires_grad_(True)
     try:
-        opt = torch.optim.Adam(params, lr=config.lr, **ADAM)
-        rng = np.random.default_rng(seed)
-        steps, total = 0, config.epochs * len(X)
-        for _ in range(config.epochs):
-            for i in rng.permutation(len(X)):
-                for group in opt.param_groups:
-                    group["lr"] = config.lr_at(steps, total)
-                opt.zero_grad(set_to_none=True)
-                with times("blockwise forward"), autocast(config, X.device):
-                    loss = F.mse_loss(call_block(block, X[i:i + 1], kwargs).float(), Y[i:i + 1])
-                with times("blockwise backward"):
-                    loss.backward()
-                with times("blockwise optimizer"):
-                    opt.step()
-                steps += 1
+        steps = adam_epochs(params, len(X), config, seed, times, "blockwise",
+                            lambda i: F.mse_loss(call_block(block, X[i:i + 1], kwargs).float(), Y[i:i + 1]))
         scales = {n: block.get_submodule(n).scale.detach().cpu().numpy().copy() for n in quant}
         zeros = {n: block.get_submodule(n).zero.detach().cpu().numpy().copy() for n in quant}
     finally:

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .blockwise import ADAM, QuantLinear, _swap, autocast, norm_parameters
+from .blockwise import QuantLinear, _swap, adam_epochs, autocast, norm_parameters
 from .stage_times import StageTimes
 from .torch_model import model_device
 from .train_config import ModelStageConfig
@@ -107,21 +107,8 @@ def train_model(model: nn.Module, quant: dict[str, tuple], windows: np.ndarray, 
         check = slice(0, min(len(windows), CHECK_WINDOWS))
         with times("model loss"):
             before = mean_kl(model, windows[check], hidden_fp[check], teacher, config)
-        opt = torch.optim.Adam(params, lr=config.lr, **ADAM)
-        rng = np.random.default_rng(seed)
-        steps, total = 0, config.epochs * len(windows)
-        for _ in range(config.epochs):
-            for i in rng.permutation(len(windows)):
-                for group in opt.param_groups:
-                    group["lr"] = config.lr_at(steps, total)
-                opt.zero_grad(set_to_none=True)
-                with times("model forward"), autocast(config, device):
-                    loss = window_kl(model, windows[i], teacher.log_probs(hidden_fp[i]))
-                with times("model backward"):
-                    loss.backward()
-                with times("model optimizer"):
-                    opt.step()
-                steps += 1
+        steps = adam_epochs(params, len(windows), config, seed, times, "model",
+                            lambda i: window_kl(model, windows[i], teacher.log_probs(hidden_fp[i])))
         with times("model loss"):
             after = mean_kl(model, windows[check], hidden_fp[check], teacher, config)
         keep = after < before

@@ -172,6 +172,23 @@ def tree_bytes(folder: Path) -> dict[str, bytes]:
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
+def kill_then_resume(args: tuple, tmp_path: Path, monkeypatch, target: object, name: str, replacement) -> list[str]:
+    """Run ``args`` to ``tmp_path/ref``; run it again to ``tmp_path/cut`` with ``target.name``
+    replaced (it raises Interrupt somewhere inside), check nothing finished, resume with the same
+    command and check the bytes equal the uninterrupted run's. Returns the committed unit files
+    the kill left."""
+    cli(*args, "--out", tmp_path / "ref")
+    with monkeypatch.context() as m:
+        m.setattr(target, name, replacement)
+        with pytest.raises(Interrupt):
+            runner.invoke(app, [str(a) for a in (*args, "--out", tmp_path / "cut")], catch_exceptions=False)
+    assert not (tmp_path / "cut" / CONFIG_NAME).exists()
+    left = sorted(p.name for p in (tmp_path / "cut" / PARTIAL).glob("*.safetensors"))
+    cli(*args, "--out", tmp_path / "cut")
+    assert tree_bytes(tmp_path / "cut") == tree_bytes(tmp_path / "ref")
+    return left
+
+
 def test_quantize_resume_is_byte_identical(tiny, text, tmp_path, monkeypatch):
     """Interrupted after 5 layers, the same command finishes the run: byte-identical files to an
     uninterrupted run, and the interrupted folder never looks like a finished checkpoint."""

@@ -15,7 +15,8 @@ pytest.importorskip("transformers")
 from decoupleq_ref.cli import app  # noqa: E402
 from decoupleq_ref.model.checkpoint import CONFIG_NAME, PARTIAL, read_checkpoint, unit_file  # noqa: E402
 from decoupleq_ref.model.tiny import save_tiny  # noqa: E402
-from test_pipeline import Interrupt, cli, flat, interrupting_solver, runner, text, tree_bytes  # noqa: E402,F401
+from test_pipeline import (cli, flat, interrupting_solver, kill_then_resume, runner, text,  # noqa: E402,F401
+                           tree_bytes)
 
 RUN = ("--nsamples", "4", "--seqlen", "32", "--bits", "2", "--group-size", "32", "--backend", "numpy")
 
@@ -77,15 +78,8 @@ def test_run_resume_is_byte_identical(llama, text, tmp_path, monkeypatch):
     import decoupleq_ref.cli_model as cm
 
     args = ("run", llama, "--text", text, *RUN, "--block-epochs", "1", "--block-lr", "1e-4")
-    cli(*args, "--out", tmp_path / "ref")
-    with monkeypatch.context() as m:
-        m.setattr(cm, "get_solver", lambda name=None: interrupting_solver(9))
-        with pytest.raises(Interrupt):
-            runner.invoke(app, [str(a) for a in (*args, "--out", tmp_path / "cut")], catch_exceptions=False)
-    assert not (tmp_path / "cut" / CONFIG_NAME).exists()
-    assert [p.name for p in (tmp_path / "cut" / PARTIAL).glob("*.safetensors")] == [unit_file("block.0000")]
-    cli(*args, "--out", tmp_path / "cut")
-    assert tree_bytes(tmp_path / "cut") == tree_bytes(tmp_path / "ref")
+    left = kill_then_resume(args, tmp_path, monkeypatch, cm, "get_solver", lambda name=None: interrupting_solver(9))
+    assert left == [unit_file("block.0000")]
     res = cli(*args, "--out", tmp_path / "cut")  # repeated: nothing to do, nothing changed
     assert "nothing to do" in flat(res.output) and tree_bytes(tmp_path / "cut") == tree_bytes(tmp_path / "ref")
 

@@ -12,14 +12,14 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
-from decoupleq_ref.cli import app  # noqa: E402
-from decoupleq_ref.model.blockwise import QuantLinear
-from decoupleq_ref.model.train_config import BlockwiseConfig  # noqa: E402
+from decoupleq_ref.model.blockwise import QuantLinear  # noqa: E402
 from decoupleq_ref.model.calibrate import PRODUCT_ROWS, HessianHooks, gram  # noqa: E402
-from decoupleq_ref.model.checkpoint import CONFIG_NAME, PARTIAL, read_checkpoint, unit_file  # noqa: E402
+from decoupleq_ref.model.checkpoint import read_checkpoint, unit_file  # noqa: E402
 from decoupleq_ref.model.stage_times import STAGES, StageTimes  # noqa: E402
 from decoupleq_ref.model.tiny import save_tiny  # noqa: E402
-from test_pipeline import Interrupt, cli, flat, interrupting_solver, runner, text, tree_bytes  # noqa: E402,F401
+from decoupleq_ref.model.train_config import BlockwiseConfig  # noqa: E402
+from test_pipeline import (Interrupt, cli, flat, interrupting_solver, kill_then_resume, text,  # noqa: E402,F401
+                           tree_bytes)
 
 RUN = ("--nsamples", "4", "--seqlen", "32", "--bits", "2", "--group-size", "32", "--backend", "numpy",
        "--block-epochs", "2", "--block-lr", "1e-4")
@@ -123,15 +123,8 @@ def test_float_targets_resume_byte_identical(llama, text, tmp_path, monkeypatch)
     import decoupleq_ref.cli_model as cm
 
     args = ("run", llama, "--text", text, *RUN, "--block-targets", "float", "--train-precision", "bf16")
-    cli(*args, "--out", tmp_path / "ref")
-    with monkeypatch.context() as m:
-        m.setattr(cm, "get_solver", lambda name=None: interrupting_solver(9))
-        with pytest.raises(Interrupt):
-            runner.invoke(app, [str(a) for a in (*args, "--out", tmp_path / "cut")], catch_exceptions=False)
-    assert not (tmp_path / "cut" / CONFIG_NAME).exists()
-    assert [p.name for p in (tmp_path / "cut" / PARTIAL).glob("*.safetensors")] == [unit_file("block.0000")]
-    cli(*args, "--out", tmp_path / "cut")
-    assert tree_bytes(tmp_path / "cut") == tree_bytes(tmp_path / "ref")
+    left = kill_then_resume(args, tmp_path, monkeypatch, cm, "get_solver", lambda name=None: interrupting_solver(9))
+    assert left == [unit_file("block.0000")]
 
 
 def test_float_targets_differ_from_quantized_targets_after_block_0(llama, text, tmp_path):
@@ -184,15 +177,9 @@ def test_model_stage_resume_byte_identical(llama, text, tmp_path, monkeypatch):
     import decoupleq_ref.model.sequential as seq
 
     args = ("run", llama, "--text", text, *RUN, "--model-epochs", "2", "--train-precision", "bf16")
-    cli(*args, "--out", tmp_path / "ref")
-    with monkeypatch.context() as m:
-        m.setattr(seq, "train_model", lambda *a, **kw: (_ for _ in ()).throw(Interrupt()))
-        with pytest.raises(Interrupt):
-            runner.invoke(app, [str(a) for a in (*args, "--out", tmp_path / "cut")], catch_exceptions=False)
-    assert not (tmp_path / "cut" / CONFIG_NAME).exists()
-    assert len(list((tmp_path / "cut" / PARTIAL).glob("*.safetensors"))) == 2  # the two blocks
-    cli(*args, "--out", tmp_path / "cut")
-    assert tree_bytes(tmp_path / "cut") == tree_bytes(tmp_path / "ref")
+    left = kill_then_resume(args, tmp_path, monkeypatch, seq, "train_model",
+                            lambda *a, **kw: (_ for _ in ()).throw(Interrupt()))
+    assert left == sorted(unit_file(f"block.000{i}") for i in (0, 1))
 
 
 def test_auto_precision_is_bf16_only_where_native(monkeypatch):
