@@ -59,7 +59,8 @@ def one_run(source, args, bits: int, group_size: int, method: str) -> dict:
     t0 = time.perf_counter()
     precision = training_precision(args.train_precision, torch_device(args.device))
     blockwise = BlockwiseConfig(epochs, args.block_lr, args.block_targets, precision, args.block_schedule)
-    model_stage = ModelStageConfig(args.model_epochs if method == "decoupleq+bw" else 0, args.model_lr, precision)
+    model_stage = ModelStageConfig(args.model_epochs if method == "decoupleq+bw" else 0, args.model_lr, precision,
+                                   args.model_retries)
     times = StageTimes()
     config = run_pipeline(source, args.calib_text, args.nsamples, args.seqlen, 0, cfg, args.backend, blockwise,
                           out, overwrite=False, device=args.device, times=times, model_stage=model_stage)
@@ -136,6 +137,7 @@ def main() -> None:
     p.add_argument("--train-precision", default="auto", choices=PRECISION_CHOICES)
     p.add_argument("--model-epochs", type=int, default=ModelStageConfig.epochs)
     p.add_argument("--model-lr", type=float, default=ModelStageConfig.lr)
+    p.add_argument("--model-retries", type=int, default=ModelStageConfig.retries)
     p.add_argument("--block-schedule", default=BlockwiseConfig.schedule, choices=SCHEDULES)
     p.add_argument("--solver", default="official", choices=SOLVERS,
                    help="layer solver settings (decoupleq run --solver)")

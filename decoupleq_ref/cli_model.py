@@ -176,10 +176,12 @@ MODEL_EPOCHS = typer.Option(ModelStageConfig.epochs, min=0, help="model-level st
                             "(0 = off, as in the official procedure)")
 MODEL_LR = typer.Option(ModelStageConfig.lr, min=0.0, help="model-level stage peak Adam learning rate (cosine decay; "
                         "0 = off)")
+MODEL_RETRIES = typer.Option(ModelStageConfig.retries, min=0, help="model-level stage: when its KL rose, start over "
+                             "at a tenth of the rate, up to this many times")
 
 
 def stage_settings(device: str, block_epochs: int, block_lr: float, block_targets: str, block_schedule: str,
-                   model_epochs: int, model_lr: float, train_precision: str
+                   model_epochs: int, model_lr: float, model_retries: int, train_precision: str
                    ) -> tuple[BlockwiseConfig, ModelStageConfig, StageTimes]:
     """The trained stages' settings from the options (--train-precision auto resolved for the
     device), and the stage clock for that device."""
@@ -188,7 +190,7 @@ def stage_settings(device: str, block_epochs: int, block_lr: float, block_target
     where = torch_device(device)
     precision = training_precision(train_precision, where)
     return (BlockwiseConfig(block_epochs, block_lr, block_targets, precision, block_schedule),
-            ModelStageConfig(model_epochs, model_lr, precision), StageTimes(where))
+            ModelStageConfig(model_epochs, model_lr, precision, model_retries), StageTimes(where))
 
 
 def run_pipeline(source: ModelSource, text: Path, nsamples: int, seqlen: int, seed: int, cfg: QuantConfig,
@@ -249,6 +251,7 @@ def run_cmd(
     block_schedule: str = BLOCK_SCHEDULE,
     model_epochs: int = MODEL_EPOCHS,
     model_lr: float = MODEL_LR,
+    model_retries: int = MODEL_RETRIES,
     train_precision: str = TRAIN_PRECISION,
     out: Path = typer.Option(Path("qmodel"), help="checkpoint folder"),
     overwrite: bool = typer.Option(False, help="replace an existing --out instead of resuming"),
@@ -265,7 +268,7 @@ def run_cmd(
     t0 = time.perf_counter()
     source = model_source(model)
     blockwise, model_stage, times = stage_settings(device, block_epochs, block_lr, block_targets, block_schedule,
-                                                   model_epochs, model_lr, train_precision)
+                                                   model_epochs, model_lr, model_retries, train_precision)
     config = run_pipeline(source, text, nsamples, seqlen, seed, cfg, backend, blockwise, out, overwrite,
                           device=device, times=times, model_stage=model_stage)
     wall = time.perf_counter() - t0
@@ -341,6 +344,7 @@ def demo_cmd(
     block_schedule: str = BLOCK_SCHEDULE,
     model_epochs: int = MODEL_EPOCHS,
     model_lr: float = MODEL_LR,
+    model_retries: int = MODEL_RETRIES,
     train_precision: str = TRAIN_PRECISION,
     backend: Optional[str] = typer.Option(None, help=f"one of {', '.join(BACKENDS)}; default: fastest available"),
     out: Path = typer.Option(Path("decoupleq-demo"), help="checkpoint folder"),
@@ -352,7 +356,7 @@ def demo_cmd(
     source = model_source(model)
     cfg = QuantConfig(bits=2, group_size=64)
     blockwise, model_stage, times = stage_settings(device, block_epochs, block_lr, block_targets, block_schedule,
-                                                   model_epochs, model_lr, train_precision)
+                                                   model_epochs, model_lr, model_retries, train_precision)
     backend_name = solver_for(backend)[1]
     log(f"demo: {source.describe()}\n  run: W2 g64 decoupleq, {nsamples} calibration windows x {seqlen} tokens "
         f"of {calib_text.name}, backend {backend_name}; block-wise stage {blockwise.settings()}; model-level "

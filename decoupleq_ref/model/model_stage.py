@@ -13,13 +13,15 @@ copy of its final norm and its (frozen) output head, so no second model is held.
 step, in a seeded order; the learning rate decays to zero by a cosine. The model keeps whichever
 of the start and the trained state has the lower KL on the first CHECK_WINDOWS calibration
 windows, measured in the training precision (each measurement is a whole-model forward per
-window: on all 32 default windows the two would cost as much as the epoch that trains).
+window: on all 32 default windows the two would cost as much as the epoch that trains). When the
+KL rose (a rate too large for a model already close to the float one, e.g. at 4 bits), the stage
+starts over from the block-wise state at a tenth of the rate, up to ``retries`` times.
 """
 
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -43,6 +45,7 @@ class ModelStageResult:
     kl_after: float
     steps: int
     kl_windows: int
+    lr: float  # of the attempt that ended the stage
 
     @property
     def kept(self) -> str:
@@ -107,10 +110,17 @@ def train_model(model: nn.Module, quant: dict[str, tuple], windows: np.ndarray, 
         check = slice(0, min(len(windows), CHECK_WINDOWS))
         with times("model loss"):
             before = mean_kl(model, windows[check], hidden_fp[check], teacher, config)
-        steps = adam_epochs(params, len(windows), config, seed, times, "model",
-                            lambda i: window_kl(model, windows[i], teacher.log_probs(hidden_fp[i])))
-        with times("model loss"):
-            after = mean_kl(model, windows[check], hidden_fp[check], teacher, config)
+        steps, lr = 0, config.lr
+        for attempt in range(config.retries + 1):
+            if attempt:  # the KL rose: start over from the block-wise state at a tenth of the rate
+                lr /= 10
+                restore(model, quant, own, norm_start)
+            steps += adam_epochs(params, len(windows), replace(config, lr=lr), seed, times, "model",
+                                 lambda i: window_kl(model, windows[i], teacher.log_probs(hidden_fp[i])))
+            with times("model loss"):
+                after = mean_kl(model, windows[check], hidden_fp[check], teacher, config)
+            if after < before:
+                break
         keep = after < before
         tensors = {}
         for name, (q, s, z, branch) in quant.items():
@@ -127,4 +137,16 @@ def train_model(model: nn.Module, quant: dict[str, tuple], windows: np.ndarray, 
             _swap(model, name, module)
         for p, flag in flags.items():
             p.requires_grad_(flag)
-    return ModelStageResult(tensors, before, after, steps, check.stop)
+    return ModelStageResult(tensors, before, after, steps, check.stop, lr)
+
+
+def restore(model: nn.Module, quant: dict[str, tuple], own: dict[str, nn.Parameter],
+            norms: dict[str, torch.Tensor]) -> None:
+    """Put the stage's start back: every QuantLinear's (s, z) and the norm weights."""
+    with torch.no_grad():
+        for name, (q, s, z, branch) in quant.items():
+            m = model.get_submodule(name)
+            m.scale.copy_(torch.from_numpy(s.astype(np.float32)))
+            m.zero.copy_(torch.from_numpy(z.astype(np.float32)))
+        for n, value in norms.items():
+            own[n].copy_(value)

@@ -276,7 +276,8 @@ def run_model(model: nn.Module, windows: np.ndarray, cfg: QuantConfig, solve: So
             r = train_model(model, quant, windows, X_fp, TeacherHead(model), model_stage, seed, times)
             with times("commit"):
                 writer.commit(MODEL_UNIT, r.tensors, {"kl_before": r.kl_before, "kl_after": r.kl_after,
-                                                      "kl_windows": r.kl_windows, "steps": r.steps, "kept": r.kept})
+                                                      "kl_windows": r.kl_windows, "steps": r.steps, "kept": r.kept,
+                                                      "lr_used": r.lr})
         with times("commit"):
             tensors, info = writer.load(MODEL_UNIT)
             own = dict(model.named_parameters())

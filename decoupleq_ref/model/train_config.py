@@ -67,18 +67,22 @@ class BlockwiseConfig:
 class ModelStageConfig:
     """Settings of the model-level stage (model/model_stage.py): ``epochs`` passes over the
     calibration windows, one window per Adam step, learning rate ``lr`` decayed to zero by a
-    cosine, forward/backward in ``precision``. ``epochs == 0`` or ``lr == 0`` turns it off (the
+    cosine, forward/backward in ``precision``; when the KL rose, up to ``retries`` more tries from
+    the start, each at a tenth of the previous rate. ``epochs == 0`` or ``lr == 0`` turns it off (the
     official procedure has no such stage)."""
 
     epochs: int = 1
     lr: float = 1e-4
     precision: str = "fp32"  # the CLI's default is auto, as for the block-wise stage
+    retries: int = 1
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
             raise ValueError(f"--train-precision: {self.precision!r} is not one of {', '.join(PRECISION_CHOICES)}")
         if self.epochs < 0 or not self.lr >= 0 or not math.isfinite(self.lr):
             raise ValueError("--model-epochs/--model-lr: must be >= 0 (0 turns the model-level stage off)")
+        if self.retries < 0:
+            raise ValueError("--model-retries: must be >= 0")
 
     @property
     def on(self) -> bool:
@@ -88,4 +92,4 @@ class ModelStageConfig:
         return self.lr * 0.5 * (1 + math.cos(math.pi * step / steps))
 
     def settings(self) -> dict:
-        return {"epochs": self.epochs, "lr": self.lr, "precision": self.precision}
+        return {"epochs": self.epochs, "lr": self.lr, "precision": self.precision, "retries": self.retries}

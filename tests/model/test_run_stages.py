@@ -195,3 +195,17 @@ def test_auto_precision_is_bf16_only_where_native(monkeypatch):
     assert training_precision("fp32", cpu) == "fp32" and training_precision("bf16", cpu) == "bf16"
     with pytest.raises(ValueError, match="--train-precision: 'fp16' is not one of auto, fp32, bf16"):
         BlockwiseConfig(precision="fp16")
+
+
+def test_model_stage_retries_at_a_tenth_of_the_rate(llama, text, tmp_path):
+    """A rate too large for the model: the first epoch raises the KL, the stage starts over from
+    the block-wise state at a tenth of the rate and keeps that; without retries it keeps the
+    block-wise state."""
+    args = ("run", llama, "--text", text, *RUN, "--model-epochs", "2", "--model-lr", "3e-3",
+            "--train-precision", "fp32")
+    cli(*args, "--out", tmp_path / "retry")
+    cli(*args, "--model-retries", "0", "--out", tmp_path / "once")
+    retry, once = (read_checkpoint(tmp_path / n)[0]["model_stage"] for n in ("retry", "once"))
+    assert once["kept"] == "block stage" and once["steps"] == 8 and once["lr_used"] == 3e-3
+    assert retry["kept"] == "trained" and retry["steps"] == 16 and math.isclose(retry["lr_used"], 3e-4)
+    assert retry["kl_after"] < retry["kl_before"] == once["kl_before"] < once["kl_after"]
