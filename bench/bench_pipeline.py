@@ -27,12 +27,10 @@ import time
 from pathlib import Path
 
 from decoupleq_ref.cli_model import (DEFAULT_CALIB_TEXT, DEFAULT_EVAL_TEXT, SOLVERS, eval_pipeline, quant_config,
-                                    run_pipeline)
+                                    run_pipeline, stage_settings)
 from decoupleq_ref.model.atomic import write_json
 from decoupleq_ref.model.train_config import PRECISION_CHOICES, SCHEDULES, TARGETS, BlockwiseConfig, ModelStageConfig
 from decoupleq_ref.model.source import resolve_model
-from decoupleq_ref.model.stage_times import StageTimes
-from decoupleq_ref.model.torch_model import torch_device, training_precision
 
 METHODS = ("rtn", "gptq", "decoupleq", "decoupleq+bw")
 
@@ -57,11 +55,10 @@ def one_run(source, args, bits: int, group_size: int, method: str) -> dict:
     out = args.workdir / f"w{bits}_g{group_size}_{method.replace('+', '_')}{suffix}"
     cfg = quant_config(bits, group_size, solver_method, solver=args.solver)
     t0 = time.perf_counter()
-    precision = training_precision(args.train_precision, torch_device(args.device))
-    blockwise = BlockwiseConfig(epochs, args.block_lr, args.block_targets, precision, args.block_schedule)
-    model_stage = ModelStageConfig(args.model_epochs if method == "decoupleq+bw" else 0, args.model_lr, precision,
-                                   args.model_retries)
-    times = StageTimes()
+    model_epochs = args.model_epochs if method == "decoupleq+bw" else 0
+    blockwise, model_stage, times = stage_settings(args.device, epochs, args.block_lr, args.block_targets,
+                                                   args.block_schedule, model_epochs, args.model_lr,
+                                                   args.model_retries, args.train_precision)
     config = run_pipeline(source, args.calib_text, args.nsamples, args.seqlen, 0, cfg, args.backend, blockwise,
                           out, overwrite=False, device=args.device, times=times, model_stage=model_stage)
     t_run = time.perf_counter() - t0

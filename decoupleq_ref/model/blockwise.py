@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -115,6 +115,31 @@ def adam_epochs(params: list[nn.Parameter], n: int, config: BlockwiseConfig | Mo
     return steps
 
 
+@contextlib.contextmanager
+def trainable_scales(root: nn.Module, quant: dict[str, tuple]) -> Iterator[list[nn.Parameter]]:
+    """Swap each linear of ``root`` named in ``quant`` (name → (q, s, z, branch)) for a QuantLinear
+    and freeze every parameter but their (s, z) and ``root``'s norm weights; yield those (the
+    (s, z) first). On exit the original modules and every requires_grad flag are back."""
+    originals: dict[str, nn.Module] = {}
+    flags = {p: p.requires_grad for p in root.parameters()}
+    try:
+        for name, (q, s, z, branch) in quant.items():
+            module = root.get_submodule(name)
+            originals[name] = _swap(root, name, QuantLinear(q, s, z, module.bias, branch).to(module.weight.device))
+        params = [p for n in quant for p in (root.get_submodule(n).scale, root.get_submodule(n).zero)]
+        params += norm_parameters(root)
+        for p in root.parameters():
+            p.requires_grad_(False)
+        for p in params:
+            p.requires_grad_(True)
+        yield params
+    finally:
+        for name, module in originals.items():
+            _swap(root, name, module)
+        for p, flag in flags.items():
+            p.requires_grad_(flag)
+
+
 def train_block(block: nn.Module, quant: dict[str, tuple], X: torch.Tensor, Y: torch.Tensor, kwargs: dict,
                 config: BlockwiseConfig, seed: int, times: StageTimes | None = None) -> TrainedScales:
     """Train (s, z) of the block's quantized linears (``quant``: name within block → (q, s, z,
@@ -123,27 +148,11 @@ def train_block(block: nn.Module, quant: dict[str, tuple], X: torch.Tensor, Y: t
     Returns the trained (s, z); the norm weights are left trained and the linears restored as the
     ordinary modules they were (the caller measures the result and keeps the better state)."""
     times = times or StageTimes()
-    originals = {}
-    for name, (q, s, z, branch) in quant.items():
-        module = block.get_submodule(name)
-        if is_conv1d(module):
-            raise ValueError("--block-epochs: the block-wise stage supports nn.Linear blocks only; pass --block-epochs 0")
-        originals[name] = _swap(block, name, QuantLinear(q, s, z, module.bias, branch).to(module.weight.device))
-    params = [p for n in quant for p in (block.get_submodule(n).scale, block.get_submodule(n).zero)]
-    params += norm_parameters(block)
-    flags = {p: p.requires_grad for p in block.parameters()}
-    for p in block.parameters():
-        p.requires_grad_(False)
-    for p in params:
-        p.requires_grad_(True)
-    try:
+    if any(is_conv1d(block.get_submodule(name)) for name in quant):
+        raise ValueError("--block-epochs: the block-wise stage supports nn.Linear blocks only; pass --block-epochs 0")
+    with trainable_scales(block, quant) as params:
         steps = adam_epochs(params, len(X), config, seed, times, "blockwise",
                             lambda i: F.mse_loss(call_block(block, X[i:i + 1], kwargs).float(), Y[i:i + 1]))
         scales = {n: block.get_submodule(n).scale.detach().cpu().numpy().copy() for n in quant}
         zeros = {n: block.get_submodule(n).zero.detach().cpu().numpy().copy() for n in quant}
-    finally:
-        for name, module in originals.items():
-            _swap(block, name, module)
-        for p, flag in flags.items():
-            p.requires_grad_(flag)
     return TrainedScales(scales, zeros, steps)

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .blockwise import QuantLinear, _swap, adam_epochs, autocast, norm_parameters
+from .blockwise import adam_epochs, autocast, norm_parameters, trainable_scales
 from .stage_times import StageTimes
 from .torch_model import model_device
 from .train_config import ModelStageConfig
@@ -91,22 +91,10 @@ def train_model(model: nn.Module, quant: dict[str, tuple], windows: np.ndarray, 
     are restored as ordinary modules afterwards and its norms left at the kept state; the caller
     sets the linears' weights from the returned tensors."""
     times = times or StageTimes()
-    device = model_device(model)
-    originals = {}
-    for name, (q, s, z, branch) in quant.items():
-        module = model.get_submodule(name)
-        originals[name] = _swap(model, name, QuantLinear(q, s, z, module.bias, branch).to(device))
-    norm_names = [n for n, p in model.named_parameters() if any(p is m for m in norm_parameters(model))]
     own = dict(model.named_parameters())
+    norm_names = [n for n, p in own.items() if any(p is m for m in norm_parameters(model))]
     norm_start = {n: own[n].detach().clone() for n in norm_names}
-    params = [p for n in quant for p in (model.get_submodule(n).scale, model.get_submodule(n).zero)]
-    params += [own[n] for n in norm_names]
-    flags = {p: p.requires_grad for p in model.parameters()}
-    for p in model.parameters():
-        p.requires_grad_(False)
-    for p in params:
-        p.requires_grad_(True)
-    try:
+    with trainable_scales(model, quant) as params:
         check = slice(0, min(len(windows), CHECK_WINDOWS))
         with times("model loss"):
             before = mean_kl(model, windows[check], hidden_fp[check], teacher, config)
@@ -121,22 +109,15 @@ def train_model(model: nn.Module, quant: dict[str, tuple], windows: np.ndarray, 
                 after = mean_kl(model, windows[check], hidden_fp[check], teacher, config)
             if after < before:
                 break
-        keep = after < before
+        if not after < before:
+            restore(model, quant, own, norm_start)
         tensors = {}
-        for name, (q, s, z, branch) in quant.items():
+        for name in quant:
             m = model.get_submodule(name)
-            tensors[f"{name}.scales"] = m.scale.detach().cpu().numpy().copy() if keep else s
-            tensors[f"{name}.zeros"] = m.zero.detach().cpu().numpy().copy() if keep else z
-        with torch.no_grad():
-            for n in norm_names:
-                if not keep:
-                    own[n].copy_(norm_start[n])
-                tensors[n] = own[n].detach().cpu().numpy().copy()
-    finally:
-        for name, module in originals.items():
-            _swap(model, name, module)
-        for p, flag in flags.items():
-            p.requires_grad_(flag)
+            tensors[f"{name}.scales"] = m.scale.detach().cpu().numpy().copy()
+            tensors[f"{name}.zeros"] = m.zero.detach().cpu().numpy().copy()
+        for n in norm_names:
+            tensors[n] = own[n].detach().cpu().numpy().copy()
     return ModelStageResult(tensors, before, after, steps, check.stop, lr)
 
 

@@ -204,11 +204,10 @@ def unique_state(model: nn.Module, skip: set[str]) -> dict[str, np.ndarray]:
 MODEL_UNIT = "model-stage"
 
 
-def model_stage_quant(writer: CheckpointWriter, units: list[str], bits: int, group_size: int) -> dict[str, tuple]:
-    """name → (q, s, z, branch) of every committed layer, as the block units hold them."""
+def model_stage_quant(loaded: list[tuple[dict, dict]], bits: int, group_size: int) -> dict[str, tuple]:
+    """name → (q, s, z, branch) of every committed layer, from the block units as loaded."""
     quant = {}
-    for unit in units:
-        tensors, info = writer.load(unit)
+    for tensors, info in loaded:
         for name, layer in info["layers"].items():
             packed = packed_layer(tensors, name, layer, bits, group_size)
             branch = (packed.hp_index, packed.hp_weight) if packed.hp_channels else None
@@ -234,6 +233,7 @@ def run_model(model: nn.Module, windows: np.ndarray, cfg: QuantConfig, solve: So
     X_fp = X.clone() if float_targets or model_stage else None
     layers: dict[str, dict] = {}
     reports: list[dict] = []
+    loaded: list[tuple[dict, dict]] = []  # the committed block units, for the model-level stage
     units = []
     with progress_bar("run (blocks)", len(blocks)) as advance:
         for i, block in enumerate(blocks):
@@ -258,6 +258,8 @@ def run_model(model: nn.Module, windows: np.ndarray, cfg: QuantConfig, solve: So
             X = X_next
             X_fp = Y_fp
             units.append(unit)
+            if model_stage:
+                loaded.append((tensors, info))
             layers.update(info["layers"])
             stage = info["blockwise"]
             reports.append({"block": i, **stage})
@@ -271,7 +273,7 @@ def run_model(model: nn.Module, windows: np.ndarray, cfg: QuantConfig, solve: So
     extra: dict = {"blockwise": reports}
     if model_stage:
         if not writer.done(MODEL_UNIT):
-            quant = model_stage_quant(writer, units, cfg.bits, cfg.group_size)
+            quant = model_stage_quant(loaded, cfg.bits, cfg.group_size)
             log(f"model-level stage: {len(quant)} layers, {model_stage.epochs} epoch(s) of {len(windows)} windows")
             r = train_model(model, quant, windows, X_fp, TeacherHead(model), model_stage, seed, times)
             with times("commit"):

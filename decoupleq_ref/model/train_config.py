@@ -18,6 +18,11 @@ SCHEDULES = ("constant", "cosine")
 OFFICIAL = {"epochs": 4, "lr": 1e-5, "targets": "quantized", "precision": "fp32", "schedule": "constant"}
 
 
+def cosine_lr(lr: float, step: int, steps: int) -> float:
+    """``lr`` decayed by a half cosine: lr at step 0, lr/2 midway, towards 0 at the last step."""
+    return lr * 0.5 * (1 + math.cos(math.pi * step / steps))
+
+
 @dataclass(frozen=True)
 class BlockwiseConfig:
     """Settings of the block-wise stage: ``epochs`` passes over the calibration windows, one window
@@ -46,9 +51,7 @@ class BlockwiseConfig:
 
     def lr_at(self, step: int, steps: int) -> float:
         """Learning rate of Adam step ``step`` (0-based) of ``steps``."""
-        if self.schedule == "cosine":
-            return self.lr * 0.5 * (1 + math.cos(math.pi * step / steps))
-        return self.lr
+        return cosine_lr(self.lr, step, steps) if self.schedule == "cosine" else self.lr
 
     @classmethod
     def official(cls) -> "BlockwiseConfig":
@@ -89,7 +92,7 @@ class ModelStageConfig:
         return self.epochs > 0 and self.lr > 0
 
     def lr_at(self, step: int, steps: int) -> float:
-        return self.lr * 0.5 * (1 + math.cos(math.pi * step / steps))
+        return cosine_lr(self.lr, step, steps)
 
     def settings(self) -> dict:
         return {"epochs": self.epochs, "lr": self.lr, "precision": self.precision, "retries": self.retries}
