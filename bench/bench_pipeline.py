@@ -57,7 +57,7 @@ def one_run(source, args, bits: int, group_size: int, method: str) -> dict:
     t0 = time.perf_counter()
     model_epochs = args.model_epochs if method == "decoupleq+bw" else 0
     blockwise, model_stage, times = stage_settings(args.device, epochs, args.block_lr, args.block_targets,
-                                                   args.block_schedule, model_epochs, args.model_lr,
+                                                   args.block_schedule, args.block_retries, model_epochs, args.model_lr,
                                                    args.model_retries, args.train_precision)
     config = run_pipeline(source, args.calib_text, args.nsamples, args.seqlen, 0, cfg, args.backend, blockwise,
                           out, overwrite=False, device=args.device, times=times, model_stage=model_stage)
@@ -136,6 +136,7 @@ def main() -> None:
     p.add_argument("--model-lr", type=float, default=ModelStageConfig.lr)
     p.add_argument("--model-retries", type=int, default=ModelStageConfig.retries)
     p.add_argument("--block-schedule", default=BlockwiseConfig.schedule, choices=SCHEDULES)
+    p.add_argument("--block-retries", type=int, default=BlockwiseConfig.retries)
     p.add_argument("--solver", default="official", choices=SOLVERS,
                    help="layer solver settings (decoupleq run --solver)")
     p.add_argument("--backend", default=None)

@@ -158,7 +158,7 @@ def quantize_cmd(
 
 #: Block-wise stage options of ``run``: defaults BlockwiseConfig's (why: BENCHMARKS.md §5);
 #: the official code's stage is --block-lr 1e-5 --block-targets quantized --train-precision fp32
-#: --block-schedule constant (4 epochs).
+#: --block-schedule constant --block-retries 0 (4 epochs).
 BLOCK_EPOCHS = typer.Option(BlockwiseConfig.epochs, min=0, help="block-wise stage epochs (0 = off)")
 BLOCK_LR = typer.Option(BlockwiseConfig.lr, min=0.0, help="block-wise stage peak Adam learning rate (0 = off; "
                         "the official code's: 1e-5)")
@@ -171,6 +171,9 @@ TRAIN_PRECISION = typer.Option("auto", help="forward/backward precision of the b
                                "AVX-512-BF16, GPUs), else fp32")
 BLOCK_SCHEDULE = typer.Option(BlockwiseConfig.schedule, help="block-wise learning-rate schedule: constant (the "
                               "official code's) or cosine (decays to 0 over the steps)")
+BLOCK_RETRIES = typer.Option(BlockwiseConfig.retries, min=0, help="block-wise stage: when a block's output loss "
+                             "rose, start over from the layer-wise state at a tenth of the rate, up to this many "
+                             "times (the official code: 0)")
 MODEL_EPOCHS = typer.Option(ModelStageConfig.epochs, min=0, help="model-level stage epochs: every (s, z) and norm "
                             "trained towards the float model's next-token distribution (KL) after the blocks "
                             "(0 = off, as in the official procedure)")
@@ -181,7 +184,7 @@ MODEL_RETRIES = typer.Option(ModelStageConfig.retries, min=0, help="model-level 
 
 
 def stage_settings(device: str, block_epochs: int, block_lr: float, block_targets: str, block_schedule: str,
-                   model_epochs: int, model_lr: float, model_retries: int, train_precision: str
+                   block_retries: int, model_epochs: int, model_lr: float, model_retries: int, train_precision: str
                    ) -> tuple[BlockwiseConfig, ModelStageConfig, StageTimes]:
     """The trained stages' settings from the options (--train-precision auto resolved for the
     device), and the stage clock for that device."""
@@ -189,7 +192,7 @@ def stage_settings(device: str, block_epochs: int, block_lr: float, block_target
 
     where = torch_device(device)
     precision = training_precision(train_precision, where)
-    return (BlockwiseConfig(block_epochs, block_lr, block_targets, precision, block_schedule),
+    return (BlockwiseConfig(block_epochs, block_lr, block_targets, precision, block_schedule, block_retries),
             ModelStageConfig(model_epochs, model_lr, precision, model_retries), StageTimes(where))
 
 
@@ -249,6 +252,7 @@ def run_cmd(
     block_lr: float = BLOCK_LR,
     block_targets: str = BLOCK_TARGETS,
     block_schedule: str = BLOCK_SCHEDULE,
+    block_retries: int = BLOCK_RETRIES,
     model_epochs: int = MODEL_EPOCHS,
     model_lr: float = MODEL_LR,
     model_retries: int = MODEL_RETRIES,
@@ -268,7 +272,8 @@ def run_cmd(
     t0 = time.perf_counter()
     source = model_source(model)
     blockwise, model_stage, times = stage_settings(device, block_epochs, block_lr, block_targets, block_schedule,
-                                                   model_epochs, model_lr, model_retries, train_precision)
+                                                   block_retries, model_epochs, model_lr, model_retries,
+                                                   train_precision)
     config = run_pipeline(source, text, nsamples, seqlen, seed, cfg, backend, blockwise, out, overwrite,
                           device=device, times=times, model_stage=model_stage)
     wall = time.perf_counter() - t0
@@ -342,6 +347,7 @@ def demo_cmd(
     block_lr: float = BLOCK_LR,
     block_targets: str = BLOCK_TARGETS,
     block_schedule: str = BLOCK_SCHEDULE,
+    block_retries: int = BLOCK_RETRIES,
     model_epochs: int = MODEL_EPOCHS,
     model_lr: float = MODEL_LR,
     model_retries: int = MODEL_RETRIES,
@@ -356,7 +362,8 @@ def demo_cmd(
     source = model_source(model)
     cfg = QuantConfig(bits=2, group_size=64)
     blockwise, model_stage, times = stage_settings(device, block_epochs, block_lr, block_targets, block_schedule,
-                                                   model_epochs, model_lr, model_retries, train_precision)
+                                                   block_retries, model_epochs, model_lr, model_retries,
+                                                   train_precision)
     backend_name = solver_for(backend)[1]
     log(f"demo: {source.describe()}\n  run: W2 g64 decoupleq, {nsamples} calibration windows x {seqlen} tokens "
         f"of {calib_text.name}, backend {backend_name}; block-wise stage {blockwise.settings()}; model-level "

@@ -7,7 +7,9 @@ For each decoder block, in order:
    float targets, the float model's own hidden states after the block, carried alongside X);
 3. its linears are solved layer-wise in the official order (q/k/v → o → gate/up → down), each
    group's H = XᵀX/N captured after the previous groups were quantized;
-4. the block-wise stage (blockwise.py) trains (s, z) and the norm weights towards Y;
+4. the block-wise stage (blockwise.py) trains (s, z) and the norm weights towards Y; the block
+   keeps the trained state only if its output loss dropped, else it tries again from the
+   layer-wise state at a tenth of the rate (``retries`` times) or keeps the layer-wise state;
 5. the block is committed to the checkpoint (one atomic file) and its weights are set from what
    was committed, so a resumed run continues from exactly the same state.
 
@@ -18,6 +20,7 @@ towards the float model's next-token distribution and is committed as one more u
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 
 import numpy as np
 import torch
@@ -106,6 +109,12 @@ def apply_unit(block: nn.Module, prefix: str, tensors: dict[str, np.ndarray], in
             own[key.removeprefix(prefix)].copy_(torch.from_numpy(tensors[key]))
 
 
+def restore_norms(block: nn.Module, start: list[torch.Tensor]) -> None:
+    with torch.no_grad():
+        for p, p0 in zip(norm_parameters(block), start):
+            p.copy_(p0)
+
+
 def quantize_block(block: nn.Module, prefix: str, X: torch.Tensor, kwargs: dict, cfg: QuantConfig, solve: Solver,
                    blockwise: BlockwiseConfig, seed: int, target: torch.Tensor | None = None,
                    times: StageTimes | None = None) -> tuple[dict[str, np.ndarray], dict, torch.Tensor | None]:
@@ -156,15 +165,23 @@ def quantize_block(block: nn.Module, prefix: str, X: torch.Tensor, kwargs: dict,
         with times("blockwise loss"):
             before = output_mse(forward_block(block, X, kwargs), Y)
         norms_start = [p.detach().clone() for p in norm_parameters(block)]
-        r = train_block(block, quant, X, Y, kwargs, blockwise, seed, times)
-        trained = dict(tensors)
-        for name in quant:
-            trained[f"{prefix}{name}.scales"], trained[f"{prefix}{name}.zeros"] = r.scales[name], r.zeros[name]
-            set_layer_matrix(linears[name], dequantized_weight(trained, prefix + name, layers[prefix + name],
-                                                               cfg.bits, cfg.group_size))
-        with times("blockwise loss"):
-            out = forward_block(block, X, kwargs)
-            after = output_mse(out, Y)
+        lr, steps = blockwise.lr, 0
+        for attempt in range(blockwise.retries + 1):
+            if attempt:  # the loss rose: start over from the layer-wise state at a tenth of the rate
+                lr /= 10
+                restore_norms(block, norms_start)
+            r = train_block(block, quant, X, Y, kwargs, replace(blockwise, lr=lr), seed, times)
+            steps += r.steps
+            trained = dict(tensors)
+            for name in quant:
+                trained[f"{prefix}{name}.scales"], trained[f"{prefix}{name}.zeros"] = r.scales[name], r.zeros[name]
+                set_layer_matrix(linears[name], dequantized_weight(trained, prefix + name, layers[prefix + name],
+                                                                   cfg.bits, cfg.group_size))
+            with times("blockwise loss"):
+                out = forward_block(block, X, kwargs)
+                after = output_mse(out, Y)
+            if after < before:
+                break
         if after < before:
             tensors = trained
             for name in quant:
@@ -176,10 +193,8 @@ def quantize_block(block: nn.Module, prefix: str, X: torch.Tensor, kwargs: dict,
             for name in quant:
                 set_layer_matrix(linears[name], dequantized_weight(tensors, prefix + name, layers[prefix + name],
                                                                    cfg.bits, cfg.group_size))
-            with torch.no_grad():
-                for p, p0 in zip(norm_parameters(block), norms_start):
-                    p.copy_(p0)
-        stage.update(loss_before=before, loss_after=after, steps=r.steps,
+            restore_norms(block, norms_start)
+        stage.update(loss_before=before, loss_after=after, steps=steps, lr_used=lr,
                      kept="trained" if after < before else "layer-wise")
     norms = {}
     for key, p in block.named_parameters():
@@ -266,6 +281,8 @@ def run_model(model: nn.Module, windows: np.ndarray, cfg: QuantConfig, solve: So
             note = f"block {i}"
             if "loss_before" in stage:  # the stage's loss, and which state the block kept (the lower loss)
                 note += f": loss {stage['loss_before']:.3g} → {stage['loss_after']:.3g}"
+                retried = stage.get("lr_used", blockwise.lr) != blockwise.lr
+                note += f" (retried at lr {stage['lr_used']:.3g})" if retried else ""
                 note += ", kept the layer-wise result" if stage.get("kept") == "layer-wise" else ""
             note += f" ({time.perf_counter() - t0:.0f}s)"
             log(note)

@@ -14,8 +14,9 @@ PRECISIONS = ("fp32", "bf16")
 PRECISION_CHOICES = ("auto", *PRECISIONS)
 SCHEDULES = ("constant", "cosine")
 #: The official code's stage: 4 epochs of constant-lr Adam in float32 towards the float block on
-#: the quantized prefix's outputs.
-OFFICIAL = {"epochs": 4, "lr": 1e-5, "targets": "quantized", "precision": "fp32", "schedule": "constant"}
+#: the quantized prefix's outputs, once.
+OFFICIAL = {"epochs": 4, "lr": 1e-5, "targets": "quantized", "precision": "fp32", "schedule": "constant",
+            "retries": 0}
 
 
 def cosine_lr(lr: float, step: int, steps: int) -> float:
@@ -27,14 +28,17 @@ def cosine_lr(lr: float, step: int, steps: int) -> float:
 class BlockwiseConfig:
     """Settings of the block-wise stage: ``epochs`` passes over the calibration windows, one window
     per Adam step, peak learning rate ``lr`` (``schedule``), ``targets`` and ``precision`` as in
-    model/blockwise.py. ``epochs == 0`` or ``lr == 0`` turns the stage off. The defaults are
-    this project's (BENCHMARKS.md §5); ``BlockwiseConfig.official()`` is the official code's."""
+    model/blockwise.py; when a block's output loss rose, up to ``retries`` more tries from the
+    layer-wise state, each at a tenth of the previous rate. ``epochs == 0`` or ``lr == 0`` turns
+    the stage off. The defaults are this project's (BENCHMARKS.md §5);
+    ``BlockwiseConfig.official()`` is the official code's."""
 
     epochs: int = 1
     lr: float = 3e-4
     targets: str = "float"
     precision: str = "fp32"  # the CLI's default is auto (bf16 where the device has it natively)
     schedule: str = "constant"
+    retries: int = 1
 
     def __post_init__(self) -> None:
         for option, name, allowed, shown in (("--block-targets", "targets", TARGETS, TARGETS),
@@ -44,6 +48,8 @@ class BlockwiseConfig:
                 raise ValueError(f"{option}: {getattr(self, name)!r} is not one of {', '.join(shown)}")
         if self.epochs < 0 or not self.lr >= 0 or not math.isfinite(self.lr):
             raise ValueError("--block-epochs/--block-lr: must be >= 0 (0 turns the block-wise stage off)")
+        if self.retries < 0:
+            raise ValueError("--block-retries: must be >= 0")
 
     @property
     def on(self) -> bool:
@@ -62,7 +68,8 @@ class BlockwiseConfig:
         setting where it is not the official one (files written before those settings existed
         keep resuming)."""
         out = {"epochs": self.epochs, "lr": self.lr}
-        out.update({k: getattr(self, k) for k in ("targets", "precision", "schedule") if getattr(self, k) != OFFICIAL[k]})
+        out.update({k: getattr(self, k) for k in ("targets", "precision", "schedule", "retries")
+                    if getattr(self, k) != OFFICIAL[k]})
         return out
 
 

@@ -36,7 +36,8 @@ def test_config_checks_and_schedule():
     keep resuming)."""
     for kw, option in (({"targets": "fp"}, "--block-targets"), ({"precision": "fp16"}, "--train-precision"),
                        ({"schedule": "linear"}, "--block-schedule"), ({"lr": -1.0}, "--block-lr"),
-                       ({"lr": math.nan}, "--block-lr"), ({"epochs": -1}, "--block-epochs")):
+                       ({"lr": math.nan}, "--block-lr"), ({"epochs": -1}, "--block-epochs"),
+                       ({"retries": -1}, "--block-retries")):
         with pytest.raises(ValueError, match=option):
             BlockwiseConfig(**kw)
     c = BlockwiseConfig(epochs=2, lr=1e-3, schedule="cosine")
@@ -44,7 +45,7 @@ def test_config_checks_and_schedule():
     assert BlockwiseConfig(lr=1e-3).lr_at(9, 10) == 1e-3
     assert BlockwiseConfig.official().settings() == {"epochs": 4, "lr": 1e-5}
     assert BlockwiseConfig(2, 1e-3, "float", "bf16").settings() == {"epochs": 2, "lr": 1e-3, "targets": "float",
-                                                                    "precision": "bf16"}
+                                                                    "precision": "bf16", "retries": 1}
     assert not BlockwiseConfig(0, 1e-3).on and not BlockwiseConfig(3, 0.0).on
 
 
@@ -209,3 +210,42 @@ def test_model_stage_retries_at_a_tenth_of_the_rate(llama, text, tmp_path):
     assert once["kept"] == "block stage" and once["steps"] == 8 and once["lr_used"] == 3e-3
     assert retry["kept"] == "trained" and retry["steps"] == 16 and math.isclose(retry["lr_used"], 3e-4)
     assert retry["kl_after"] < retry["kl_before"] == once["kl_before"] < once["kl_after"]
+
+
+def sabotaged_first_tries(monkeypatch, lr: float) -> list[float]:
+    """Make every block-wise try at ``lr`` return (s, z) that raise the block's loss (zeros shifted by
+    1); other rates train for real. Returns the rate of each try, in order."""
+    import decoupleq_ref.model.sequential as seq
+
+    real, rates = seq.train_block, []
+
+    def train_block(block, quant, X, Y, kwargs, config, seed, times=None):
+        rates.append(config.lr)
+        r = real(block, quant, X, Y, kwargs, config, seed, times)
+        if config.lr == lr:
+            r.zeros = {name: z + 1.0 for name, z in r.zeros.items()}
+        return r
+
+    monkeypatch.setattr(seq, "train_block", train_block)
+    return rates
+
+
+def test_block_stage_retries_at_a_tenth_of_the_rate(llama, text, tmp_path, monkeypatch):
+    """A block whose trained state has the higher loss starts over from its layer-wise state (norms
+    included) at a tenth of the rate: the checkpoint's tensors are byte-identical to a run made at
+    that rate in the first place; with --block-retries 0 the block keeps its layer-wise state."""
+    from decoupleq_ref.model.checkpoint import read_checkpoint_tensors
+
+    args = ("run", llama, "--text", text, *RUN, "--train-precision", "fp32")
+    cli(*args, "--block-lr", "1e-4", "--block-retries", "0", "--out", tmp_path / "direct")
+    rates = sabotaged_first_tries(monkeypatch, 1e-3)
+    cli(*args, "--block-lr", "1e-3", "--out", tmp_path / "retry")
+    assert rates == [1e-3, 1e-4] * 2
+    cli(*args, "--block-lr", "1e-3", "--block-retries", "0", "--out", tmp_path / "once")
+    (retry, t_retry), (direct, t_direct), (once, _) = (read_checkpoint_tensors(tmp_path / n)
+                                                        for n in ("retry", "direct", "once"))
+    assert [(s["steps"], s["lr_used"]) for s in retry["blockwise"]] == [(16, 1e-4)] * 2
+    assert [s["kept"] for s in retry["blockwise"]] == [s["kept"] for s in direct["blockwise"]]
+    assert set(t_retry) == set(t_direct) and all(np.array_equal(t_retry[k], t_direct[k]) for k in t_retry)
+    assert [(s["steps"], s["lr_used"], s["kept"]) for s in once["blockwise"]] == [(8, 1e-3, "layer-wise")] * 2
+    assert retry["blockwise_settings"]["retries"] == 1 and "retries" not in once["blockwise_settings"]
