@@ -21,6 +21,7 @@ of perplexity vs bits per method.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import math
 import time
@@ -147,6 +148,8 @@ def main() -> None:
     p.add_argument("--merge", type=Path, nargs="*", default=[],
                    help="other --out-json files (e.g. a second process's) to include in the table and plot")
     args = p.parse_args()
+    if args.png and importlib.util.find_spec("matplotlib") is None:  # before the runs, not after them
+        p.error("--png: needs matplotlib; install it with pip install -e '.[bench]', or leave out --png")
     args.eval_seqlen = args.eval_seqlen or args.seqlen
     args.workdir.mkdir(parents=True, exist_ok=True)
     source = resolve_model(args.model)
