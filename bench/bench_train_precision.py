@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from decoupleq_ref.cli_model import DEFAULT_CALIB_TEXT, quant_config, solver_for, text_windows
+from decoupleq_ref.format import dequantize_parts
 from decoupleq_ref.model.blockwise import output_mse, train_block
 from decoupleq_ref.model.checkpoint import packed_layer
 from decoupleq_ref.model.sequential import block_inputs, decoder_blocks, forward_block, quantize_block
@@ -58,10 +59,8 @@ def one_epoch(block: torch.nn.Module, quant: dict[str, tuple], X: torch.Tensor, 
     r = train_block(work, quant, X, Y, kwargs, config, seed=0, times=times)
     step = sum(times.seconds[s] for s in STEP_STAGES) / r.steps
     linears = find_linears(work)
-    for name, (q, _, _, _) in quant.items():
-        group = q.shape[1] // r.scales[name].shape[1]
-        W_hat = (np.repeat(r.scales[name], group, axis=1) * q + np.repeat(r.zeros[name], group, axis=1))
-        set_layer_matrix(linears[name], W_hat.astype(np.float32))
+    for name, (q, _, _, _) in quant.items():  # Ŵ from the trained (s, z), as the pipeline commits it
+        set_layer_matrix(linears[name], dequantize_parts(q, r.scales[name], r.zeros[name]).astype(np.float32))
     return step, output_mse(forward_block(work, X, kwargs), Y)
 
 

@@ -31,7 +31,7 @@ from torch.nn import functional as F
 from .blockwise import adam_epochs, autocast, norm_parameters, trainable_scales
 from .stage_times import StageTimes
 from .torch_model import model_device
-from .train_config import ModelStageConfig
+from .train_config import ModelStageConfig, retry_rates
 
 
 #: Calibration windows the keep-or-restore decision is measured on (all of them when fewer).
@@ -98,10 +98,9 @@ def train_model(model: nn.Module, quant: dict[str, tuple], windows: np.ndarray, 
         check = slice(0, min(len(windows), CHECK_WINDOWS))
         with times("model loss"):
             before = mean_kl(model, windows[check], hidden_fp[check], teacher, config)
-        steps, lr = 0, config.lr
-        for attempt in range(config.retries + 1):
+        steps = 0
+        for attempt, lr in enumerate(retry_rates(config.lr, config.retries)):
             if attempt:  # the KL rose: start over from the block-wise state at a tenth of the rate
-                lr /= 10
                 restore(model, quant, own, norm_start)
             steps += adam_epochs(params, len(windows), replace(config, lr=lr), seed, times, "model",
                                  lambda i: window_kl(model, windows[i], teacher.log_probs(hidden_fp[i])))

@@ -36,7 +36,7 @@ from .model_stage import TeacherHead, train_model
 from .progress import log, progress_bar
 from .stage_times import StageTimes
 from .torch_model import find_linears, layer_matrix, model_device, set_layer_matrix
-from .train_config import BlockwiseConfig, ModelStageConfig
+from .train_config import BlockwiseConfig, ModelStageConfig, retry_rates
 
 #: Official true-sequential order within a Llama block; names not listed form a last group.
 LLAMA_GROUPS = (("self_attn.k_proj", "self_attn.v_proj", "self_attn.q_proj"), ("self_attn.o_proj",),
@@ -165,10 +165,9 @@ def quantize_block(block: nn.Module, prefix: str, X: torch.Tensor, kwargs: dict,
         with times("blockwise loss"):
             before = output_mse(forward_block(block, X, kwargs), Y)
         norms_start = [p.detach().clone() for p in norm_parameters(block)]
-        lr, steps = blockwise.lr, 0
-        for attempt in range(blockwise.retries + 1):
+        steps = 0
+        for attempt, lr in enumerate(retry_rates(blockwise.lr, blockwise.retries)):
             if attempt:  # the loss rose: start over from the layer-wise state at a tenth of the rate
-                lr /= 10
                 restore_norms(block, norms_start)
             r = train_block(block, quant, X, Y, kwargs, replace(blockwise, lr=lr), seed, times)
             steps += r.steps

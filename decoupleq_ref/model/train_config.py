@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Iterator
 
 TARGETS = ("quantized", "float")
 PRECISIONS = ("fp32", "bf16")
@@ -17,6 +18,15 @@ SCHEDULES = ("constant", "cosine")
 #: the quantized prefix's outputs, once.
 OFFICIAL = {"epochs": 4, "lr": 1e-5, "targets": "quantized", "precision": "fp32", "schedule": "constant",
             "retries": 0}
+
+
+def retry_rates(lr: float, retries: int) -> Iterator[float]:
+    """The learning rate of each try of a trained stage: ``lr``, then up to ``retries`` more, each a
+    tenth of the previous (tried only while the stage's loss rose)."""
+    yield lr
+    for _ in range(retries):
+        lr /= 10
+        yield lr
 
 
 def cosine_lr(lr: float, step: int, steps: int) -> float:
